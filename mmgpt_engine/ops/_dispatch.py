@@ -1,0 +1,102 @@
+"""Backend choice: an explicit `backend=` argument > the MMGPT_BACKEND environment variable > the
+best backend available for the tensors' device (triton, then cuda on a GPU; torch on the CPU).
+
+Backends:
+  torch   pure PyTorch (`ops.reference`), runs everywhere, differentiable by autograd.
+  triton  the Triton kernels; on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1.
+  cuda    the CUDA C++ extension built from csrc/; CUDA tensors only.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+from typing import Optional
+
+import torch
+
+BACKENDS = ("torch", "triton", "cuda")
+ENV_VAR = "MMGPT_BACKEND"
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def unavailable_reason(backend: str, device: torch.device | str | None = None) -> Optional[str]:
+    """None when `backend` can run on `device`, else a sentence saying why not."""
+    device = torch.device(device) if device is not None else _default_device()
+    if backend == "torch":
+        return None
+    if backend == "triton":
+        if not _triton_installed():
+            return "triton is not installed"
+        if device.type == "cuda":
+            if triton_interpreted():
+                return "TRITON_INTERPRET=1 is set, so Triton runs on CPU tensors only"
+            return None
+        if device.type == "cpu":
+            if triton_interpreted():
+                return None
+            return "Triton runs on CPU tensors only under TRITON_INTERPRET=1 (not set)"
+        return f"Triton does not run on {device.type} tensors"
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"the cuda backend needs CUDA tensors, got {device.type} tensors"
+        if not torch.cuda.is_available():
+            return "no CUDA device"
+        from . import cuda as cuda_backend
+
+        return cuda_backend.unavailable_reason()
+    return f"unknown backend {backend!r}"
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def available_backends(device: torch.device | str | None = None) -> list[str]:
+    """The backends that can run on `device` (default: the current CUDA device, else the CPU)."""
+    return [b for b in BACKENDS if unavailable_reason(b, device) is None]
+
+
+def resolve_backend(backend: Optional[str], device: torch.device) -> str:
+    """Pick the backend for tensors on `device` (see the module docstring for the order)."""
+    source = "backend"
+    if backend is None:
+        env = os.environ.get(ENV_VAR, "").strip()
+        if env:
+            backend, source = env, f"{ENV_VAR} (environment)"
+    if backend is None:
+        if device.type == "cuda":
+            for candidate in ("triton", "cuda"):
+                if unavailable_reason(candidate, device) is None:
+                    return candidate
+        return "torch"
+    if not isinstance(backend, str):
+        raise TypeError(f"{source}: expected a str, one of {list(BACKENDS)}, got {type(backend).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"{source}: expected one of {list(BACKENDS)}, got {backend!r}")
+    reason = unavailable_reason(backend, device)
+    if reason is not None:
+        raise ValueError(f"{source}: backend {backend!r} is not available for {device.type} tensors: {reason}")
+    return backend
+
+
+def kernels(backend: str, op_module: str):
+    """The module holding `backend`'s launchers for one op family (e.g. 'norms').
+
+    triton -> mmgpt_engine.ops.triton.<op_module>; cuda -> mmgpt_engine.ops.cuda (one extension).
+    Imported lazily so that TRITON_INTERPRET is read when the kernels are first needed.
+    """
+    if backend == "triton":
+        return importlib.import_module(f"{__package__}.triton.{op_module}")
+    if backend == "cuda":
+        return importlib.import_module(f"{__package__}.cuda")
+    raise ValueError(f"backend: expected 'triton' or 'cuda' for a kernel launcher, got {backend!r}")

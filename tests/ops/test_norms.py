@@ -1,0 +1,110 @@
+"""LayerNorm / RMSNorm kernels vs the float64 reference, forward and backward."""
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mmgpt_engine import ops
+from mmgpt_engine.ops import reference
+from tests.conftest import DEVICE
+from tests.helpers import assert_close_to_truth, kernel_backends
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# leading dims of rank 1-3 and odd column counts, 4096+1 included
+SHAPES = [(1,), (77,), (3, 257), (2, 3, 769), (5, 1000), (2, 4097)]
+
+
+def _run(fn, inputs, grad_out):
+    """Forward + backward; returns the outputs and the gradients of every input requiring one."""
+    leaves = [t for t in inputs.values() if t is not None and t.requires_grad]
+    out = fn(**inputs)
+    outs = out if isinstance(out, tuple) else (out,)
+    torch.autograd.backward(outs, grad_out[: len(outs)])
+    return outs, [t.grad for t in leaves]
+
+
+def _make(shape, dtype, *, residual, weight, bias, device=DEVICE):
+    n = shape[-1]
+    mk = lambda *s: (torch.randn(*s, device=device, dtype=torch.float32)).to(dtype).requires_grad_()  # noqa: E731
+    x = mk(*shape)
+    return {
+        "x": x,
+        "weight": (1 + 0.5 * torch.randn(n, device=device)).to(dtype).requires_grad_() if weight else None,
+        "bias": mk(n) if bias else None,
+        "residual": mk(*shape) if residual else None,
+    }
+
+
+def _as(inputs, dtype):
+    return {k: (v.detach().to(dtype).requires_grad_() if v is not None else None) for k, v in inputs.items()}
+
+
+def check_norm(kind, shape, dtype, backend, *, residual, weight=True, bias=True):
+    inputs = _make(shape, dtype, residual=residual, weight=weight, bias=bias and kind == "layer")
+    grads = [torch.randn(shape, device=DEVICE).to(dtype) for _ in range(2)]
+    if kind == "layer":
+        kernel = lambda x, weight, bias, residual: ops.layer_norm(x, weight, bias, residual=residual, backend=backend)  # noqa: E731
+        ref = lambda x, weight, bias, residual: reference.layer_norm(x, weight, bias, 1e-5, residual=residual)  # noqa: E731
+    else:
+        inputs.pop("bias")
+        kernel = lambda x, weight, residual: ops.rms_norm(x, weight, residual=residual, backend=backend)  # noqa: E731
+        ref = lambda x, weight, residual: reference.rms_norm(x, weight, 1e-6, residual=residual)  # noqa: E731
+    got, got_g = _run(kernel, _as(inputs, dtype), grads)
+    truth, truth_g = _run(ref, _as(inputs, torch.float64), [g.double() for g in grads])
+    lowp, lowp_g = _run(ref, _as(inputs, dtype), grads)
+    for i, (a, b, c) in enumerate(zip(got, truth, lowp)):
+        assert a.dtype == dtype
+        assert_close_to_truth(f"{kind} out[{i}]", a, b, c)
+    names = [k for k, v in inputs.items() if v is not None]
+    for name, a, b, c in zip(names, got_g, truth_g, lowp_g):
+        assert_close_to_truth(f"{kind} d{name}", a, b, c)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_norm_matches_float64_reference(kind, shape, dtype, backend):
+    check_norm(kind, shape, dtype, backend, residual=False)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(77,), (2, 3, 257), (3, 4097)], ids=str)
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_norm_fused_residual(kind, shape, dtype, backend):
+    check_norm(kind, shape, dtype, backend, residual=True)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("weight,bias", [(False, False), (True, False), (False, True)])
+def test_layer_norm_without_affine_params(weight, bias, backend):
+    check_norm("layer", (4, 33), torch.float32, backend, residual=True, weight=weight, bias=bias)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_norm_mixed_precision_weight(backend):
+    """bf16 activations with a float32 weight (as under autocast-free mixed precision)."""
+    x = torch.randn(6, 129, device=DEVICE).bfloat16()
+    w = torch.randn(129, device=DEVICE)
+    got = ops.rms_norm(x, w, backend=backend)
+    assert got.dtype == torch.bfloat16
+    assert_close_to_truth("rms mixed", got, reference.rms_norm(x.double(), w.double()), reference.rms_norm(x, w))
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.integers(1, 6), cols=st.integers(1, 300), kind=st.sampled_from(["layer", "rms"]),
+       residual=st.booleans(), lead=st.integers(0, 2))
+def test_norm_random_shapes(backend, rows, cols, kind, residual, lead):
+    shape = (2,) * lead + (rows, cols)
+    check_norm(kind, shape, torch.float32, backend, residual=residual)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("n", [1024, 4096, 8192, 16384])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_norm_large_hidden_gpu(n, dtype, backend):
+    check_norm("layer", (64, n), dtype, backend, residual=True)
+    check_norm("rms", (64, n), dtype, backend, residual=True)
