@@ -1,0 +1,324 @@
+"""Flash attention kernels vs the float64 reference: forward, lse and dq/dk/dv, with causal
+(bottom-right), prefix-LM, packed varlen, GQA/MQA, odd lengths and head dims, strided inputs;
+torch.compile/opcheck of the custom ops; every bad input named in the error.
+
+Interpreted Triton is slow, so the cases below cover each feature once or twice rather than the
+cross product; the interpreted kernels use BLOCK_M != BLOCK_N so tile edges are uneven."""
+import logging
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from mmgpt_engine import ops
+from mmgpt_engine.ops import attention, reference
+from tests.conftest import DEVICE
+from tests.helpers import assert_close_to_truth, kernel_backends
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+
+
+def _make(b, s_q, s_k, h, h_kv, d, *, strided=False):
+    """Fresh random q, k, v in float32; strided: q/k/v are views into one fused qkv-like buffer."""
+    if strided:
+        assert s_q == s_k and h == h_kv
+        qkv = torch.randn(b, s_q, 3, h, d + 8, device=DEVICE)
+        return qkv[:, :, 0, :, :d], qkv[:, :, 1, :, :d], qkv[:, :, 2, :, :d]
+    return (torch.randn(b, s_q, h, d, device=DEVICE), torch.randn(b, s_k, h_kv, d, device=DEVICE),
+            torch.randn(b, s_k, h_kv, d, device=DEVICE))
+
+
+def _run(fn, qkv, dout, dtype):
+    """Forward with lse + backward; inputs cast to dtype keeping their strides."""
+    leaves = []
+    for t in qkv:
+        x = torch.empty_strided(t.shape, t.stride(), dtype=dtype, device=t.device)
+        x.copy_(t)
+        leaves.append(x.requires_grad_())
+    out, lse = fn(*leaves)
+    out.backward(dout.to(dtype))
+    return out, lse, [x.grad for x in leaves]
+
+
+def _check_lse(got, truth, lowp):
+    """lse is -inf exactly where a query sees no key; elsewhere close to the truth."""
+    assert got.dtype == torch.float32
+    dead = torch.isneginf(truth)
+    assert torch.equal(torch.isneginf(got), dead), "lse: -inf pattern differs from the reference"
+    live = ~dead
+    assert_close_to_truth("lse", got[live], truth[live], lowp[live])
+
+
+def check_attention(backend, dtype, b, s_q, s_k, h, h_kv, d, *, strided=False, **kwargs):
+    qkv = _make(b, s_q, s_k, h, h_kv, d, strided=strided)
+    dout = torch.randn(b, s_q, h, d, device=DEVICE)
+
+    def kernel(q, k, v):
+        if strided:
+            assert not q.is_contiguous()
+        return ops.flash_attention(q, k, v, return_lse=True, backend=backend, **kwargs)
+
+    def ref(q, k, v):
+        return reference.flash_attention(q, k, v, return_lse=True, **kwargs)
+
+    got, got_lse, got_g = _run(kernel, qkv, dout, dtype)
+    truth, truth_lse, truth_g = _run(ref, qkv, dout, torch.float64)
+    lowp, lowp_lse, lowp_g = _run(ref, qkv, dout, dtype)
+    assert got.dtype == dtype and got.shape == (b, s_q, h, d) and got_lse.shape == (b, h, s_q)
+    assert not got_lse.requires_grad
+    assert_close_to_truth("out", got, truth, lowp)
+    _check_lse(got_lse, truth_lse, lowp_lse)
+    for name, a, t, lp in zip(("dq", "dk", "dv"), got_g, truth_g, lowp_g):
+        assert a.shape == t.shape
+        assert_close_to_truth(name, a, t, lp)
+    return got, got_lse
+
+
+# (b, s_q, s_k, h, h_kv, d, dtype, causal): each length, head dim, dtype and GQA ratio at least once
+SHAPES = [
+    (2, 1, 1, 2, 2, 64, F32, False),
+    (2, 1, 1, 4, 2, 32, F16, True),
+    (2, 77, 77, 2, 2, 80, F32, False),
+    (2, 77, 77, 4, 2, 64, F16, True),      # GQA 4:2
+    (1, 257, 257, 2, 2, 128, F32, True),
+    (1, 257, 257, 8, 1, 32, F16, False),   # MQA 8:1
+    (2, 77, 77, 4, 2, 64, BF16, True),
+    (1, 130, 130, 2, 1, 16, BF16, False),
+    (1, 45, 45, 2, 2, 8, F32, True),       # head dim 8: padded to the 16-wide dot
+    (1, 40, 40, 1, 1, 256, F16, True),
+    (1, 65, 65, 2, 2, 40, F32, True),      # head dim not a power of two
+]
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("b,s_q,s_k,h,h_kv,d,dtype,causal", SHAPES, ids=str)
+def test_flash_attention_matches_float64_reference(b, s_q, s_k, h, h_kv, d, dtype, causal, backend):
+    check_attention(backend, dtype, b, s_q, s_k, h, h_kv, d, causal=causal)
+
+
+# S_q != S_k: decode (one query), chunked prefill, more queries than keys, non-causal cross-attention
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("s_q,s_k,causal,dtype", [
+    (1, 257, True, F16), (77, 257, True, F32), (257, 77, True, F32), (77, 130, False, F16), (3, 77, True, BF16),
+    (47, 77, True, F16),  # S_k - S_q = 30: the diagonal ends one key short of a 32-key tile edge
+], ids=str)
+def test_flash_attention_unequal_lengths_bottom_right(s_q, s_k, causal, dtype, backend):
+    got, lse = check_attention(backend, dtype, 2, s_q, s_k, 4, 2, 64, causal=causal)
+    if causal and s_q > s_k:  # the first s_q - s_k queries see no key: zero output, lse -inf
+        assert torch.all(got[:, : s_q - s_k] == 0)
+        assert torch.all(torch.isneginf(lse[:, :, : s_q - s_k]))
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(s_q=st.integers(1, 100), s_k=st.integers(1, 100), mode=st.sampled_from(["none", "causal", "prefix"]),
+       prefix_frac=st.floats(0, 1), heads=st.sampled_from([(1, 1), (2, 1), (3, 3), (4, 2)]), d=st.sampled_from([16, 24, 32]))
+def test_flash_attention_random_shapes(backend, s_q, s_k, mode, prefix_frac, heads, d):
+    """Random lengths put the causal diagonal and the prefix edge at every offset within a tile."""
+    kwargs = {"causal": mode == "causal"}
+    if mode == "prefix":
+        kwargs["prefix_len"] = round(prefix_frac * s_k)
+    check_attention(backend, F32, 1, s_q, s_k, heads[0], heads[1], d, **kwargs)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("prefix", ["0", "1", "S//3", "S", "tensor"])
+def test_flash_attention_prefix_lm(prefix, backend):
+    s = 77
+    if prefix == "tensor":
+        prefix_len = torch.tensor([63, 31, 0], dtype=torch.int64, device=DEVICE)  # 1 short of tile edges
+    else:
+        prefix_len = {"0": 0, "1": 1, "S//3": s // 3, "S": s}[prefix]
+    check_attention(backend, F32, 3, s, s, 4, 2, 64, prefix_len=prefix_len)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("s_q,s_k,prefix_len", [(33, 77, 40), (33, 77, 20), (100, 70, 50)], ids=str)
+def test_flash_attention_prefix_with_unequal_lengths(s_q, s_k, prefix_len, backend):
+    """The prefix is in absolute positions: queries before it (even ones with no causal key) see it."""
+    check_attention(backend, F16, 2, s_q, s_k, 2, 1, 32, prefix_len=prefix_len)
+
+
+def _cu(lengths):
+    return torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=DEVICE)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("lengths,kwargs,dtype", [
+    ([1, 77, 30, 130], {"causal": True}, F32),
+    ([50, 1, 96], {}, F16),
+    ([40, 1, 70, 33], {"prefix_len": torch.tensor([10, 1, 70, 0], dtype=torch.int32)}, F32),
+    ([64, 35], {"prefix_len": 12, "max_seqlen": 80}, BF16),
+], ids=str)
+def test_flash_attention_varlen(lengths, kwargs, dtype, backend):
+    kwargs = dict(kwargs)
+    if isinstance(kwargs.get("prefix_len"), torch.Tensor):
+        kwargs["prefix_len"] = kwargs["prefix_len"].to(DEVICE)
+    total = sum(lengths)
+    check_attention(backend, dtype, 1, total, total, 4, 2, 64, cu_seqlens=_cu(lengths), **kwargs)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_flash_attention_varlen_equals_separate_sequences(backend):
+    """Packing must not leak across sequences: each one equals its own unpacked call."""
+    lengths = [19, 1, 44]
+    q, k, v = _make(1, sum(lengths), sum(lengths), 2, 2, 32)
+    packed = ops.flash_attention(q, k, v, causal=True, cu_seqlens=_cu(lengths), backend=backend)
+    start = 0
+    for n in lengths:
+        alone = ops.flash_attention(q[:, start:start + n], k[:, start:start + n], v[:, start:start + n],
+                                    causal=True, backend=backend)
+        torch.testing.assert_close(packed[:, start:start + n], alone, rtol=0, atol=1e-6)
+        start += n
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("dtype", [F32, F16], ids=str)
+def test_flash_attention_strided_inputs_and_scale(dtype, backend):
+    """q/k/v as views into a fused projection (non-contiguous, padded head dim) with a custom scale."""
+    check_attention(backend, dtype, 2, 77, 77, 2, 2, 64, strided=True, causal=True, softmax_scale=0.3)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_flash_attention_empty_keys(backend):
+    q, k, v = _make(1, 5, 0, 2, 2, 32)
+    out, lse = ops.flash_attention(q, k, v, return_lse=True, backend=backend)
+    assert torch.all(out == 0) and torch.all(torch.isneginf(lse))
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_flash_attention_return_lse_false_and_lse_not_differentiable(backend):
+    q, k, v = (t.requires_grad_() for t in _make(1, 9, 9, 2, 2, 32))
+    out = ops.flash_attention(q, k, v, causal=True, backend=backend)
+    assert isinstance(out, torch.Tensor) and out.shape == q.shape
+    _, lse = ops.flash_attention(q, k, v, return_lse=True, backend=backend)
+    assert not lse.requires_grad
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_flash_attention_torch_compile_fullgraph(backend):
+    q0, k0, v0 = _make(2, 33, 33, 4, 2, 32)
+
+    def f(q, k, v):
+        out, lse = ops.flash_attention(q, k, v, prefix_len=5, return_lse=True, backend=backend)
+        return (out.float() ** 2).sum() + lse.sum()
+
+    grads = []
+    for fn in (f, torch.compile(f, fullgraph=True, backend="aot_eager")):
+        q, k, v = (t.clone().requires_grad_() for t in (q0, k0, v0))
+        loss = fn(q, k, v)
+        loss.backward()
+        grads.append([loss.detach(), q.grad, k.grad, v.grad])
+    for eager, compiled in zip(*grads):
+        torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("varlen", [False, True])
+def test_flash_attention_opcheck(varlen, backend):
+    if varlen:
+        q, k, v = _make(1, 20, 20, 4, 2, 16)
+        cu, max_seqlen, prefix = _cu([7, 13]), 13, torch.tensor([3, 0], dtype=torch.int32, device=DEVICE)
+    else:
+        q, k, v = _make(2, 11, 17, 4, 2, 16)
+        cu, max_seqlen, prefix = None, 11, torch.tensor([4, 0], dtype=torch.int32, device=DEVICE)
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), cu, max_seqlen, prefix, True, 0.25, backend)
+    torch.library.opcheck(torch.ops.mmgpt.flash_attn_fwd.default, args)
+    out, lse = torch.ops.mmgpt.flash_attn_fwd(*(a.detach() if isinstance(a, torch.Tensor) else a for a in args))
+    torch.library.opcheck(torch.ops.mmgpt.flash_attn_bwd.default,
+                          (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, cu, max_seqlen,
+                           prefix, True, 0.25, backend))
+
+
+def test_cuda_backend_falls_back_to_triton_for_unsupported_head_dims(monkeypatch, caplog):
+    from mmgpt_engine.ops import cuda as cuda_backend
+
+    if "triton" not in ops.available_backends(DEVICE):
+        pytest.skip("triton is not available here")
+    monkeypatch.setattr(cuda_backend, "FLASH_HEAD_DIMS", (64, 128), raising=False)
+    monkeypatch.setattr(attention, "_cuda_fallback_logged", set())
+    q = torch.randn(1, 4, 2, 80, device=DEVICE)
+    with caplog.at_level(logging.INFO, logger=attention.__name__):
+        assert attention._kernel_backend("cuda", q) == "triton"
+        assert attention._kernel_backend("cuda", q) == "triton"
+    assert sum("head dims" in r.getMessage() for r in caplog.records) == 1  # logged once
+    assert attention._kernel_backend("cuda", q[..., :64].contiguous()) == "cuda"
+    assert attention._kernel_backend("triton", q) == "triton"
+
+
+# ------------------------------------------------------------------------------------ bad input
+def _bad_cases():
+    q, k, v = (torch.randn(2, 8, 4, 32) for _ in range(3))
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    q1, k1, v1 = q[:1], k[:1], v[:1]
+    return [
+        ("rank", (q[0], k, v), {}, ValueError, "q"),
+        ("k rank", (q, k[0], v), {}, ValueError, "k"),
+        ("head dim mismatch", (q, k[..., :16], v[..., :16]), {}, ValueError, "k"),
+        ("v shape", (q, k, v[:, :5]), {}, ValueError, "v"),
+        ("heads not divisible", (q, k[:, :, :3], v[:, :, :3]), {}, ValueError, "k"),
+        ("head dim not multiple of 8", (q[..., :12], k[..., :12], v[..., :12]), {}, ValueError, "q"),
+        ("head dim over 256", tuple(torch.randn(1, 2, 1, 264) for _ in range(3)), {}, ValueError, "q"),
+        ("int q", (q.long(), k, v), {}, TypeError, "q"),
+        ("mixed dtypes", (q, k.half(), v), {}, TypeError, "k"),
+        ("last dim not contiguous", (torch.randn(2, 8, 32, 4).transpose(2, 3), k, v), {}, ValueError, "q"),
+        ("batch mismatch", (q, k[:1], v[:1]), {}, ValueError, "k"),
+        ("cu_seqlens int64", (q1, k1, v1), {"cu_seqlens": cu.long()}, TypeError, "cu_seqlens"),
+        ("cu_seqlens not increasing", (q1, k1, v1), {"cu_seqlens": torch.tensor([0, 5, 5, 8], dtype=torch.int32)},
+         ValueError, "cu_seqlens"),
+        ("cu_seqlens wrong end", (q1, k1, v1), {"cu_seqlens": torch.tensor([0, 3, 7], dtype=torch.int32)},
+         ValueError, "cu_seqlens"),
+        ("cu_seqlens with batch 2", (q, k, v), {"cu_seqlens": cu}, ValueError, "q"),
+        ("max_seqlen too small", (q1, k1, v1), {"cu_seqlens": cu, "max_seqlen": 4}, ValueError, "max_seqlen"),
+        ("max_seqlen float", (q1, k1, v1), {"cu_seqlens": cu, "max_seqlen": 5.0}, TypeError, "max_seqlen"),
+        ("prefix_len > S", (q, k, v), {"prefix_len": 9}, ValueError, "prefix_len"),
+        ("prefix_len < 0", (q, k, v), {"prefix_len": -1}, ValueError, "prefix_len"),
+        ("prefix tensor > S", (q, k, v), {"prefix_len": torch.tensor([2, 9])}, ValueError, "prefix_len"),
+        ("prefix tensor length", (q, k, v), {"prefix_len": torch.tensor([2, 3, 4])}, ValueError, "prefix_len"),
+        ("prefix tensor float", (q, k, v), {"prefix_len": torch.tensor([2.0, 3.0])}, TypeError, "prefix_len"),
+        ("prefix float", (q, k, v), {"prefix_len": 2.5}, TypeError, "prefix_len"),
+        ("prefix > a varlen sequence", (q1, k1, v1), {"cu_seqlens": cu, "prefix_len": torch.tensor([4, 1])},
+         ValueError, "prefix_len"),
+        ("causal not bool", (q, k, v), {"causal": 1}, TypeError, "causal"),
+        ("softmax_scale str", (q, k, v), {"softmax_scale": "0.1"}, TypeError, "softmax_scale"),
+        ("unknown backend", (q, k, v), {"backend": "flash"}, ValueError, "backend"),
+    ]
+
+
+@pytest.mark.parametrize("case", _bad_cases(), ids=lambda c: c[0])
+def test_flash_attention_bad_inputs_name_the_argument(case):
+    _, args, kwargs, exc, name = case
+    with pytest.raises(exc, match=rf"^{name}: .*expected.*got"):
+        ops.flash_attention(*(a.to(DEVICE) for a in args),
+                            **{k: (v.to(DEVICE) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()})
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_flash_attention_float64_is_for_the_torch_backend(backend):
+    q = torch.randn(1, 4, 2, 16, device=DEVICE, dtype=torch.float64)
+    with pytest.raises(TypeError, match="^q: "):
+        ops.flash_attention(q, q, q, backend=backend)
+
+
+# ------------------------------------------------------------------------------------------ GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("b,s,h,h_kv,d,kwargs", [
+    (2, 1024, 8, 8, 128, {"causal": False}),
+    (2, 1024, 8, 2, 64, {"causal": True}),
+    (1, 2048, 4, 4, 128, {"prefix_len": 576}),
+    (1, 4096, 4, 2, 128, {"causal": True}),
+    (1, 3000, 2, 1, 96, {"causal": False}),
+], ids=str)
+def test_flash_attention_large_gpu(b, s, h, h_kv, d, kwargs, backend):
+    check_attention(backend, BF16, b, s, s, h, h_kv, d, **kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", kernel_backends())
+def test_flash_attention_varlen_large_gpu(backend):
+    lengths = [1, 1500, 700, 2048, 33]
+    total = sum(lengths)
+    check_attention(backend, BF16, 1, total, total, 8, 2, 128, cu_seqlens=_cu(lengths),
+                    prefix_len=torch.tensor([0, 576, 576, 256, 33], dtype=torch.int32, device=DEVICE))
