@@ -1,0 +1,167 @@
+"""Image-caption pairs from WebDataset tar shards, read with the `webdataset` library.
+
+A sample is the group of tar members sharing a key: an image (`jpg`, `jpeg`, `png`, `webp`,
+`bmp`, `image`) and a caption (`txt`/`text`/`caption`, or `json` with "caption"/"text" and an
+optional "prompt"). Shards are split across ranks (every rank gets a disjoint share; with fewer
+shards than ranks every rank reads them all and keeps every world_size-th sample) and then across
+DataLoader workers.
+
+A sample whose image does not decode, or that lacks an image or a caption, and a shard that cannot
+be read, are skipped and counted, never raised: `dataset.skipped` counts in this process, and each
+yielded sample's `skipped` field carries the drops since the previous one, so the collated batch's
+`n_skipped` reaches the trainer from worker processes too.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import random
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+
+from .collate import encode_caption
+from .image import preprocess_image
+
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "image")
+TEXT_KEYS = ("txt", "text", "caption")
+
+
+def expand_shards(spec) -> list[str]:
+    """Shard paths from a folder (its *.tar), a glob, a brace pattern ("s-{000..009}.tar"), a
+    '::'-joined string, or a list of any of these."""
+    import webdataset as wds
+
+    if isinstance(spec, (list, tuple)):
+        return [url for item in spec for url in expand_shards(item)]
+    if not isinstance(spec, (str, os.PathLike)):
+        raise TypeError(f"path: expected shard paths (str, list of str), got {type(spec).__name__}")
+    spec = os.fspath(spec)
+    if os.path.isdir(spec):
+        urls = sorted(glob.glob(os.path.join(spec, "*.tar")))
+    elif any(ch in spec for ch in "*?[") and "{" not in spec:
+        urls = sorted(glob.glob(spec))
+    else:
+        urls = wds.shardlists.expand_urls(spec)
+    if not urls:
+        raise FileNotFoundError(f"path: expected WebDataset .tar shards at {spec!r}, found none")
+    return urls
+
+
+def _first(sample: dict, keys: Sequence[str]):
+    for k in keys:
+        if sample.get(k) is not None:
+            return sample[k]
+    return None
+
+
+class WebDatasetCaptions(torch.utils.data.IterableDataset):
+    def __init__(self, path, tokenizer=None, image_size: int = 32, in_channels: int = 3,
+                 max_text_len: Optional[int] = None, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 shuffle: bool = True, shuffle_buffer: int = 1000):
+        from .tokenizer import get_tokenizer
+
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank: expected 0 <= rank < world_size ({world_size}), got {rank}")
+        self.urls = expand_shards(path)
+        self.tokenizer = tokenizer if tokenizer is not None else get_tokenizer()
+        self.image_size, self.in_channels, self.max_text_len = image_size, in_channels, max_text_len
+        self.rank, self.world_size, self.seed = rank, world_size, int(seed)
+        self.shuffle, self.shuffle_buffer = shuffle, shuffle_buffer
+        self.epoch = 0
+        self.skipped = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Shard and sample order depend on (seed, epoch): call before each pass."""
+        self.epoch = int(epoch)
+
+    def _rank_shards(self) -> tuple[list[str], bool]:
+        urls = list(self.urls)
+        if self.shuffle:
+            random.Random(self.seed * 1_000_003 + self.epoch).shuffle(urls)  # same order on every rank
+        if len(urls) >= self.world_size:
+            return urls[self.rank::self.world_size], False
+        return urls, True
+
+    def decode(self, raw: dict) -> Optional[dict]:
+        """A sample dict from one tar group, or None when it is unusable."""
+        image_bytes = _first(raw, IMAGE_KEYS)
+        text, prompt = _first(raw, TEXT_KEYS), None
+        try:
+            if text is None and raw.get("json") is not None:
+                meta = json.loads(raw["json"])
+                text, prompt = meta.get("caption", meta.get("text")), meta.get("prompt")
+            if image_bytes is None or text is None:
+                return None
+            text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
+            image = preprocess_image(bytes(image_bytes), self.image_size, self.in_channels)
+        except Exception:  # any decoding failure of one sample: skip it, count it
+            return None
+        input_ids, labels = encode_caption(self.tokenizer, text.strip(), prompt, self.max_text_len)
+        return {"image": image, "input_ids": input_ids, "labels": labels, "text": text.strip(),
+                "key": raw.get("__key__", "")}
+
+    def __iter__(self):
+        import webdataset as wds
+
+        urls, split_samples = self._rank_shards()
+        pending = [0]
+
+        def on_error(exn) -> bool:  # an unreadable shard or tar member: count it, go on
+            pending[0] += 1
+            return True
+
+        pipeline = wds.WebDataset(urls, handler=on_error, shardshuffle=False, nodesplitter=_all_shards,
+                                  workersplitter=wds.split_by_worker, empty_check=False)
+        if self.shuffle and self.shuffle_buffer > 1:
+            info = torch.utils.data.get_worker_info()
+            worker = info.id if info is not None else 0
+            # with a sample-level rank split every rank must shuffle alike, or the shares overlap
+            rank = 0 if split_samples else self.rank
+            rng = random.Random(hash((self.seed, self.epoch, rank, worker)))
+            pipeline = pipeline.shuffle(self.shuffle_buffer, initial=min(100, self.shuffle_buffer), rng=rng)
+        # one good sample is held back, so drops after the last good one still ride on it
+        held = None
+        for i, raw in enumerate(pipeline):
+            if split_samples and i % self.world_size != self.rank:
+                continue
+            sample = self.decode(raw)
+            if sample is None:
+                pending[0] += 1
+                continue
+            if held is not None:
+                yield self._release(held, pending)
+            held = sample
+        if held is not None:
+            yield self._release(held, pending)
+        else:
+            self.skipped += pending[0]  # nothing usable at all: counted in-process only
+
+    def _release(self, sample: dict, pending: list) -> dict:
+        sample["skipped"], pending[0] = pending[0], 0
+        self.skipped += sample["skipped"]
+        return sample
+
+
+def _all_shards(urls):
+    # ranks are split in _rank_shards (with a fallback for few shards), not by torch.distributed
+    yield from urls
+
+
+def write_shard(path, samples, image_format: str = "png") -> None:
+    """Write (image, caption) pairs to a tar shard with webdataset's TarWriter: a small helper for
+    building test data and converting folders; images are PIL images or encoded bytes."""
+    import io
+
+    import webdataset as wds
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with wds.TarWriter(str(path)) as sink:
+        for i, (image, caption) in enumerate(samples):
+            if not isinstance(image, (bytes, bytearray)):
+                buf = io.BytesIO()
+                image.save(buf, format=image_format.upper())
+                image = buf.getvalue()
+            sink.write({"__key__": f"{i:08d}", image_format: bytes(image), "txt": caption})

@@ -1,0 +1,274 @@
+"""ModelConfig: every size and choice of the multimodal GPT in one dataclass, with named presets.
+
+    cfg = ModelConfig.from_preset("tiny", n_layer=2)
+    cfg = ModelConfig.from_yaml("configs/model/small.yaml", dropout=0.1)   # yaml may say `preset: tiny`
+
+Sequence layout: an image becomes `n_image_tokens` = (image_size // patch_size)**2 tokens placed
+before the text, so `max_seq_len` bounds image prefix + text together (the position table and the
+KV cache span both); `max_text_len` is what is left for text when an image is present.
+
+FLOP accounting (`flops_per_token`) counts matmul FLOPs only, as nanoGPT/PaLM do for MFU:
+    per sample with S = P + T positions (P image tokens, T text tokens), fwd + bwd = 3 x fwd:
+      text    6 * N_blocks * S          (every block matmul weight, every position)
+              + 6 * V * d * T           (the LM head runs on text positions only)
+              + 12 * L * d * S**2       (q k^T and p v: 2 * 2 * S * S * d per layer, x3)
+      vision  6 * (N_patch + N_vblocks + N_proj) * P + 12 * L_v * d_v * P**2     (once per image)
+    `flops_per_token(T)` = (text + vision) / T: the cost of one trained *text* token, image amortised.
+The attention term is not halved for the causal mask (as PaLM's appendix B counts it).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+NORMS = ("layernorm", "rmsnorm")
+VISION_TYPES = ("vit", "cnn")
+POS_EMBEDDINGS = ("learned", "rope")
+
+
+@dataclass
+class ModelConfig:
+    # text stack
+    vocab_size: int = 259                  # the byte tokenizer: 256 bytes + bos, eos, pad
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: Optional[int] = None        # None -> n_head (multi-head); fewer -> GQA/MQA
+    n_embd: int = 128
+    mlp_hidden: Optional[int] = None       # None -> 4 * n_embd
+    max_seq_len: int = 96                  # image prefix + text
+    # vision encoder
+    image_size: int = 32
+    patch_size: int = 8
+    in_channels: int = 3
+    vision_type: str = "vit"               # "vit": patch conv + bidirectional blocks; "cnn": strided convs
+    vision_layers: int = 2
+    vision_width: int = 128
+    vision_heads: int = 4
+    # shared choices
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    dropout: float = 0.0                   # embeddings and residual branches (attention itself has none)
+    bias: bool = True
+    tie_embeddings: bool = True
+    pos_embedding: str = "learned"
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self):
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        if self.mlp_hidden is None:
+            self.mlp_hidden = 4 * self.n_embd
+        for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "mlp_hidden", "max_seq_len",
+                     "image_size", "patch_size", "in_channels", "vision_width", "vision_heads"):
+            _check_int(name, getattr(self, name), minimum=1)
+        _check_int("vision_layers", self.vision_layers, minimum=0)
+        _check_choice("norm", self.norm, NORMS)
+        _check_choice("vision_type", self.vision_type, VISION_TYPES)
+        _check_choice("pos_embedding", self.pos_embedding, POS_EMBEDDINGS)
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd: expected a multiple of n_head ({self.n_head}), got {self.n_embd}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_kv_head: expected a divisor of n_head ({self.n_head}), got {self.n_kv_head}")
+        _check_head_dim("n_head", self.head_dim)
+        if self.pos_embedding == "rope" and self.head_dim % 2:
+            raise ValueError(f"n_head: rope needs an even head dim, got {self.head_dim}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"patch_size: expected a divisor of image_size ({self.image_size}), got {self.patch_size}")
+        if self.vision_type == "vit":
+            if self.vision_width % self.vision_heads:
+                raise ValueError(f"vision_width: expected a multiple of vision_heads ({self.vision_heads}), "
+                                 f"got {self.vision_width}")
+            _check_head_dim("vision_heads", self.vision_width // self.vision_heads)
+        elif self.patch_size & (self.patch_size - 1):
+            raise ValueError(f"patch_size: the cnn encoder halves the grid per layer, so expected a power of 2, "
+                             f"got {self.patch_size}")
+        if self.max_seq_len <= self.n_image_tokens:
+            raise ValueError(f"max_seq_len: expected more than the {self.n_image_tokens} image tokens "
+                             f"(image_size {self.image_size} / patch_size {self.patch_size}, squared), "
+                             f"got {self.max_seq_len}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ValueError(f"dropout: expected a probability in [0, 1), got {self.dropout}")
+        for name in ("norm_eps", "rope_theta", "init_std"):
+            if not float(getattr(self, name)) > 0:
+                raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)}")
+
+    # ---------------------------------------------------------------------- derived sizes
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def n_image_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def max_text_len(self) -> int:
+        """Text positions left after an image prefix."""
+        return self.max_seq_len - self.n_image_tokens
+
+    # ---------------------------------------------------------------------- construction
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "ModelConfig":
+        if name not in PRESETS:
+            raise ValueError(f"preset: expected one of {sorted(PRESETS)}, got {name!r}")
+        values = dict(PRESETS[name])
+        values.update(overrides)
+        return cls.from_dict(values)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ModelConfig":
+        values = dict(values)
+        preset = values.pop("preset", None)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"config: unknown field(s) {unknown}; expected names among {sorted(names)}")
+        if preset is not None:
+            return cls.from_preset(preset, **values)
+        return cls(**values)
+
+    @classmethod
+    def from_yaml(cls, path: str | os.PathLike, **overrides) -> "ModelConfig":
+        """A yaml mapping of fields; `preset: NAME` starts from that preset; a top-level `model:`
+        mapping is read when present (so one run file can hold several sections)."""
+        import yaml
+
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+        if isinstance(values, dict) and isinstance(values.get("model"), dict):
+            values = values["model"]
+        if not isinstance(values, dict):
+            raise ValueError(f"path: expected a yaml mapping of config fields in {path}, got {type(values).__name__}")
+        values.update(overrides)
+        return cls.from_dict(values)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, path: str | os.PathLike) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike, **overrides) -> "ModelConfig":
+        with open(path) as f:
+            values = json.load(f)
+        values.update(overrides)
+        return cls.from_dict(values)
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    # ---------------------------------------------------------------------- counts
+    def param_counts(self) -> dict[str, int]:
+        """Parameters per part, from the sizes alone (equals the built model's count)."""
+        d, v, hd = self.n_embd, self.vocab_size, self.head_dim
+        b = 1 if self.bias else 0
+        norm_p = d * (2 if self.norm == "layernorm" else 1)
+        qkv = d * (self.n_head + 2 * self.n_kv_head) * hd + b * (self.n_head + 2 * self.n_kv_head) * hd
+        attn_out = d * d + b * d
+        mlp = 2 * d * self.mlp_hidden + b * (self.mlp_hidden + d)
+        block = qkv + attn_out + mlp + 2 * norm_p
+        counts = {
+            "token_embedding": v * d,
+            "position_embedding": self.max_seq_len * d if self.pos_embedding == "learned" else 0,
+            "blocks": self.n_layer * block,
+            "final_norm": norm_p,
+            "lm_head": 0 if self.tie_embeddings else v * d,
+        }
+        counts.update(self._vision_param_counts())
+        return counts
+
+    def _vision_param_counts(self) -> dict[str, int]:
+        w, d, c, p = self.vision_width, self.n_embd, self.in_channels, self.patch_size
+        b = 1 if self.bias else 0
+        norm_p = w * (2 if self.norm == "layernorm" else 1)
+        if self.vision_type == "vit":
+            stem = c * p * p * w + w + self.n_image_tokens * w  # patch conv (+bias) + position table
+            block = (w * 3 * w + b * 3 * w) + (w * w + b * w) + (2 * w * 4 * w + b * 5 * w) + 2 * norm_p
+            blocks = self.vision_layers * block
+        else:
+            chans = self._cnn_channels()
+            stem = sum(ci * co * 9 + co for ci, co in zip(chans[:-1], chans[1:]))
+            blocks = 0
+        proj = norm_p + (w * d + d) + (d * d + d)
+        return {"vision_stem": stem, "vision_blocks": blocks, "vision_projector": proj}
+
+    def _cnn_channels(self) -> list[int]:
+        steps = self.patch_size.bit_length() - 1  # patch 8 -> 3 stride-2 convs
+        return [self.in_channels] + [self.vision_width] * max(steps, 1)
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        counts = self.param_counts()
+        if exclude_embeddings:
+            counts = {k: n for k, n in counts.items() if k not in ("token_embedding", "position_embedding")}
+        return sum(counts.values())
+
+    def vision_flops_per_image(self) -> int:
+        """Training (fwd + bwd) matmul FLOPs of encoding one image."""
+        counts = self._vision_param_counts()
+        p = self.n_image_tokens
+        if self.vision_type == "vit":
+            matmul = counts["vision_stem"] - self.n_image_tokens * self.vision_width + counts["vision_blocks"]
+            attn = 12 * self.vision_layers * self.vision_width * p * p
+            flops = 6 * matmul * p + attn
+        else:
+            # each conv runs over its own output grid, not the final one
+            chans, grid, flops = self._cnn_channels(), self.image_size, 0
+            for ci, co in zip(chans[:-1], chans[1:]):
+                grid = max(grid // 2, 1) if self.patch_size > 1 else grid
+                flops += 6 * ci * co * 9 * grid * grid
+        return int(flops + 6 * counts["vision_projector"] * p)
+
+    def flops_per_token(self, text_len: Optional[int] = None, with_image: bool = True) -> float:
+        """Training FLOPs per text token for a sample of `text_len` text tokens (default
+        max_text_len) and, with_image, its image (encoder + prefix amortised over the text)."""
+        t = self.max_text_len if text_len is None else int(text_len)
+        if t <= 0:
+            raise ValueError(f"text_len: expected a positive number of text tokens, got {text_len}")
+        p = self.n_image_tokens if with_image else 0
+        s = p + t
+        c = self.param_counts()
+        n_blocks = c["blocks"] + c["final_norm"]
+        flops = 6 * n_blocks * s + 6 * self.vocab_size * self.n_embd * t + 12 * self.n_layer * self.n_embd * s * s
+        if with_image:
+            flops += self.vision_flops_per_image()
+        return flops / t
+
+
+def _check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__} ({value!r})")
+    if value < minimum:
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value}")
+
+
+def _check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {list(choices)}, got {value!r}")
+
+
+def _check_head_dim(name: str, head_dim: int) -> None:
+    # ops.flash_attention takes head dims that are multiples of 8 up to 256
+    if head_dim % 8 or head_dim > 256:
+        raise ValueError(f"{name}: expected a head dim (width / heads) that is a multiple of 8 in [8, 256], "
+                         f"got {head_dim}")
+
+
+# Sizes: tiny trains on 2 CPU cores in minutes; small/medium carry GPT-2 124M/350M text stacks
+# (so from_hf_gpt2 weights fit); 1b is a ~1.2B-parameter RMSNorm + RoPE + GQA stack.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(),
+    "small": dict(vocab_size=50257, n_layer=12, n_head=12, n_embd=768, max_seq_len=1024,
+                  image_size=224, patch_size=16, vision_layers=6, vision_width=384, vision_heads=6),
+    "medium": dict(vocab_size=50257, n_layer=24, n_head=16, n_embd=1024, max_seq_len=1024,
+                   image_size=224, patch_size=16, vision_layers=12, vision_width=768, vision_heads=12),
+    "1b": dict(vocab_size=50304, n_layer=24, n_head=16, n_kv_head=8, n_embd=2048, max_seq_len=2048,
+               image_size=336, patch_size=14, vision_layers=12, vision_width=768, vision_heads=12,
+               norm="rmsnorm", norm_eps=1e-6, bias=False, tie_embeddings=False, pos_embedding="rope"),
+}

@@ -1,0 +1,105 @@
+"""Autoregressive decoding with a KV cache: greedy, temperature and top-k sampling.
+
+The prompt ([image | text]) runs once through the model (the prefill, prefix-LM mask) and fills
+the cache; each later step feeds one token, whose query attends to every cached key: a causal
+`ops.flash_attention` call with S_q = 1 < S_k, bottom-right aligned, so it sees all of them.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+class KVCache:
+    """Per-layer key/value buffers (B, max_len, H_kv, D), filled left to right."""
+
+    def __init__(self, n_layer: int, batch: int, max_len: int, n_kv_head: int, head_dim: int, dtype, device):
+        shape = (batch, max_len, n_kv_head, head_dim)
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(n_layer)]
+        self.max_len = max_len
+        self.length = 0  # positions already cached (and visible to the current step)
+
+    def update(self, layer_idx: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store this step's k/v after the cached ones; return views over everything so far."""
+        end = self.length + k.shape[1]
+        if end > self.max_len:
+            raise ValueError(f"max_new_tokens: the KV cache holds {self.max_len} positions, a step needs {end}")
+        self.k[layer_idx][:, self.length:end] = k
+        self.v[layer_idx][:, self.length:end] = v
+        return self.k[layer_idx][:, :end], self.v[layer_idx][:, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+
+def _next_token(logits: Tensor, temperature: float, top_k: Optional[int], generator) -> Tensor:
+    """logits (B, V) -> (B,) token ids."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def _check_args(model, input_ids, images, max_new_tokens, temperature, top_k, eos_token_id):
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
+        raise ValueError(f"temperature: expected a number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k: expected an int >= 1 or None, got {top_k!r}")
+    if eos_token_id is not None and not 0 <= int(eos_token_id) < model.config.vocab_size:
+        raise ValueError(f"eos_token_id: expected an id in [0, {model.config.vocab_size}), got {eos_token_id}")
+    model._check_inputs(input_ids, images, None, None)
+    p = model.config.n_image_tokens if images is not None else 0
+    need = p + input_ids.shape[1] + max_new_tokens
+    if need > model.config.max_seq_len:
+        raise ValueError(f"max_new_tokens: image prefix ({p}) + input ({input_ids.shape[1]}) + {max_new_tokens} new "
+                         f"tokens exceeds max_seq_len {model.config.max_seq_len}")
+
+
+@torch.no_grad()
+def generate(model, input_ids: Tensor, images: Optional[Tensor] = None, *, max_new_tokens: int = 32,
+             temperature: float = 0.0, top_k: Optional[int] = None, eos_token_id: Optional[int] = None,
+             use_cache: bool = True, generator: Optional[torch.Generator] = None) -> Tensor:
+    _check_args(model, input_ids, images, max_new_tokens, temperature, top_k, eos_token_id)
+    was_training = model.training
+    model.eval()
+    try:
+        image_embeds = model.vision(images) if images is not None else None
+        b = input_ids.shape[0]
+        out = input_ids
+        done = torch.zeros(b, dtype=torch.bool, device=input_ids.device)
+        cache = None
+        if use_cache and max_new_tokens > 0:
+            c = model.config
+            p = image_embeds.shape[1] if image_embeds is not None else 0
+            cache = KVCache(c.n_layer, b, p + input_ids.shape[1] + max_new_tokens, c.n_kv_head, c.head_dim,
+                            model.wte.weight.dtype, input_ids.device)
+        step_ids, step_images = input_ids, image_embeds
+        for _ in range(max_new_tokens):
+            if cache is None:
+                x, layout = model._embed(out, image_embeds, None)
+                y = model._trunk(x, layout)
+            else:
+                x, layout = model._embed(step_ids, step_images, None, start=cache.length)
+                y = model._trunk(x, layout, cache)
+                cache.advance(x.shape[1])
+            logits = model.logits(y[:, -1])
+            token = _next_token(logits, temperature, top_k, generator)
+            if eos_token_id is not None:
+                token = torch.where(done, torch.full_like(token, eos_token_id), token)
+                done = done | (token == eos_token_id)
+            out = torch.cat([out, token.unsqueeze(1).to(out.dtype)], dim=1)
+            step_ids, step_images = token.unsqueeze(1).to(out.dtype), None
+            if eos_token_id is not None and bool(done.all()):
+                break
+        return out
+    finally:
+        model.train(was_training)

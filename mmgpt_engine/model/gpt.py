@@ -1,0 +1,252 @@
+"""MultimodalGPT: a decoder-only GPT that reads an image as a prefix of tokens.
+
+    model = MultimodalGPT(ModelConfig.from_preset("tiny"))
+    out = model(input_ids, images=images, labels=labels)      # out.loss, out.logits (text positions)
+
+Sequence: [image tokens (P) | text tokens (T)]. The image tokens see each other both ways, the text
+sees the whole image and earlier text (`ops.flash_attention(..., prefix_len=P)`); no image token
+ever sees text. Without images the model is a plain causal GPT (GPT-2 exactly, see `from_hf_gpt2`).
+
+Labels follow Hugging Face: aligned with input_ids, -100 = not scored; the model shifts them
+(the logits at text position t are scored against labels[t + 1]). Image positions have no logits
+and are never scored.
+
+Packed batches (flash-attn varlen style): input_ids (1, total) holding several samples back to
+back, `cu_seqlens` int32 [0, t1, t1+t2, ..., total] their text boundaries, images (n_samples, C,
+H, W) one per sample or None. Each sample gets its own image prefix, positions restart per sample,
+attention stays within the sample and no sample's last token is scored against the next sample.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .. import ops
+from .blocks import Block, Norm, init_weights, rope_tables
+from .config import ModelConfig
+from .vision import VisionEncoder
+
+
+@dataclass
+class ModelOutput:
+    loss: Optional[Tensor]      # mean cross-entropy over scored text tokens (float32); None without labels
+    logits: Tensor              # (B, T, vocab) for the text positions only
+
+
+@dataclass
+class _Layout:
+    """Where things sit in the fused [image | text] sequence."""
+    positions: Tensor                    # (1 or B, S) position ids
+    prefix_len: object                   # None, an int, or an int32 tensor (one per packed sample)
+    cu_seqlens: Optional[Tensor]         # over the fused sequence, packed batches only
+    max_seqlen: Optional[int]
+    n_prefix: int                        # image tokens per sample
+    text_index: Optional[Tensor]         # packed: fused positions of the text tokens
+
+
+class MultimodalGPT(nn.Module):
+    def __init__(self, config: ModelConfig, backend: Optional[str] = None):
+        super().__init__()
+        if not isinstance(config, ModelConfig):
+            raise TypeError(f"config: expected a ModelConfig, got {type(config).__name__}")
+        c = self.config = config
+        self.vision = VisionEncoder(c)
+        self.wte = nn.Embedding(c.vocab_size, c.n_embd)
+        self.wpe = nn.Embedding(c.max_seq_len, c.n_embd) if c.pos_embedding == "learned" else None
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(
+            Block(c.n_embd, c.n_head, c.n_kv_head, c.mlp_hidden, norm=c.norm, eps=c.norm_eps, bias=c.bias,
+                  dropout=c.dropout)
+            for _ in range(c.n_layer)
+        )
+        self.norm_f = Norm(c.n_embd, c.norm, c.norm_eps)
+        self.lm_head = None if c.tie_embeddings else nn.Linear(c.n_embd, c.vocab_size, bias=False)
+        init_weights(self, c.init_std, c.n_layer)
+        init_weights(self.vision, c.init_std, max(c.vision_layers, 1))
+        if self.vision.config.vision_type == "vit":
+            nn.init.normal_(self.vision.pos_embed, std=c.init_std)
+        self.set_backend(backend)
+
+    # ------------------------------------------------------------------------- settings
+    @property
+    def backend(self) -> Optional[str]:
+        return self._backend
+
+    def set_backend(self, backend: Optional[str]) -> None:
+        """The ops backend ("torch", "triton", "cuda"; None = the ops' dispatch) of every submodule."""
+        if backend is not None and backend not in ops.BACKENDS:
+            raise ValueError(f"backend: expected one of {list(ops.BACKENDS)} or None, got {backend!r}")
+        self._backend = backend
+        for m in self.modules():
+            if hasattr(m, "backend") and m is not self:
+                m.backend = backend
+
+    def gradient_checkpointing_enable(self, enabled: bool = True) -> None:
+        """Recompute each text block in backward (torch.utils.checkpoint) instead of storing it."""
+        self.config.gradient_checkpointing = bool(enabled)
+
+    @property
+    def n_image_tokens(self) -> int:
+        return self.config.n_image_tokens
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Trainable parameters (tied weights once); without the token/position tables if asked."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_embeddings:
+            n -= self.wte.weight.numel() + (self.wpe.weight.numel() if self.wpe is not None else 0)
+        return n
+
+    def flops_per_token(self, text_len: Optional[int] = None, with_image: bool = True) -> float:
+        """Training FLOPs per text token, image encoder amortised (formula: `ModelConfig` docstring)."""
+        return self.config.flops_per_token(text_len, with_image)
+
+    # ------------------------------------------------------------------------- forward
+    def forward(self, input_ids: Tensor, images: Optional[Tensor] = None, labels: Optional[Tensor] = None,
+                cu_seqlens: Optional[Tensor] = None) -> ModelOutput:
+        self._check_inputs(input_ids, images, labels, cu_seqlens)
+        image_embeds = self.vision(images) if images is not None else None
+        x, layout = self._embed(input_ids, image_embeds, cu_seqlens)
+        y = self._trunk(x, layout)
+        if layout.text_index is not None:
+            y_text = y[0, layout.text_index].unsqueeze(0)
+        else:
+            y_text = y[:, layout.n_prefix:]
+        logits = self.logits(y_text)
+        loss = None
+        if labels is not None:
+            # shift the (small, integer) labels rather than the logits, so the loss reads the logits
+            # in place: target[t] = labels[t + 1]; the last position of every sample scores nothing
+            target = F.pad(labels[:, 1:], (0, 1), value=-100)
+            if cu_seqlens is not None:
+                target[0, cu_seqlens[1:].long() - 1] = -100
+            loss = ops.cross_entropy(logits, target, ignore_index=-100, backend=self._backend)
+        return ModelOutput(loss=loss, logits=logits)
+
+    def logits(self, y: Tensor) -> Tensor:
+        return F.linear(y, self.wte.weight) if self.lm_head is None else self.lm_head(y)
+
+    def _embed(self, input_ids: Tensor, image_embeds: Optional[Tensor], cu_seqlens: Optional[Tensor],
+               start: int = 0) -> tuple[Tensor, _Layout]:
+        """The fused [image | text] input (B, S, d) and its layout; `start` offsets the positions
+        (a KV-cached decode step)."""
+        b, t = input_ids.shape
+        p = image_embeds.shape[1] if image_embeds is not None else 0
+        text = self.wte(input_ids)
+        dev = input_ids.device
+        if cu_seqlens is None:
+            x = text if image_embeds is None else torch.cat([image_embeds.to(text.dtype), text], dim=1)
+            positions = torch.arange(start, start + p + t, device=dev).unsqueeze(0)
+            layout = _Layout(positions, p if p else None, None, None, p, None)
+            n_positions = start + p + t  # known without reading the device
+        else:
+            x, layout = self._embed_packed(text, image_embeds, cu_seqlens)
+            n_positions = layout.max_seqlen
+        if self.wpe is not None:
+            if n_positions > self.config.max_seq_len:
+                raise ValueError(f"input_ids: image prefix + text must fit max_seq_len {self.config.max_seq_len}, "
+                                 f"got {n_positions} positions")
+            x = x + self.wpe(layout.positions)
+        return self.drop(x), layout
+
+    def _embed_packed(self, text: Tensor, image_embeds: Optional[Tensor], cu_seqlens: Tensor):
+        n, t, dev = cu_seqlens.numel() - 1, text.shape[1], text.device
+        p = image_embeds.shape[1] if image_embeds is not None else 0
+        cu = cu_seqlens.to(device=dev, dtype=torch.long)
+        tok = torch.arange(t, device=dev)
+        seg = torch.searchsorted(cu[1:], tok, right=True)             # sample of each text token
+        text_index = tok + (seg + 1) * p                               # fused position of each text token
+        positions = torch.empty(n * p + t, dtype=torch.long, device=dev)
+        positions[text_index] = tok - cu[seg] + p
+        x = text.new_empty(1, n * p + t, text.shape[-1])
+        x[0, text_index] = text[0]
+        if p:
+            img_index = (cu[:-1] + torch.arange(n, device=dev) * p).unsqueeze(1) + torch.arange(p, device=dev)
+            positions[img_index.reshape(-1)] = torch.arange(p, device=dev).repeat(n)
+            x[0, img_index.reshape(-1)] = image_embeds.reshape(n * p, -1).to(text.dtype)
+        fused_cu = (cu + torch.arange(n + 1, device=dev) * p).to(torch.int32)
+        lengths = fused_cu[1:] - fused_cu[:-1]
+        prefix = torch.full((n,), p, dtype=torch.int32, device=dev) if p else None
+        return x, _Layout(positions.unsqueeze(0), prefix, fused_cu, int(lengths.max()), p, text_index)
+
+    def _trunk(self, x: Tensor, layout: _Layout, cache=None) -> Tensor:
+        c = self.config
+        rope = rope_tables(layout.positions, c.head_dim, c.rope_theta) if c.pos_embedding == "rope" else None
+        # a decode step (one query row after the prefix) is plain causal, bottom-right aligned
+        decoding = cache is not None and cache.length > 0
+        kwargs = dict(causal=True, prefix_len=None if decoding else layout.prefix_len, cu_seqlens=layout.cu_seqlens,
+                      max_seqlen=layout.max_seqlen, rope=rope, cache=cache)
+        use_ckpt = c.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
+        h, delta = x, None
+        for i, block in enumerate(self.blocks):
+            if use_ckpt:
+                h, delta = checkpoint(block, h, delta, use_reentrant=False, layer_idx=i, **kwargs)
+            else:
+                h, delta = block(h, delta, layer_idx=i, **kwargs)
+        return self.norm_f(h) if delta is None else self.norm_f(delta, residual=h)[0]
+
+    def _check_inputs(self, input_ids, images, labels, cu_seqlens):
+        c = self.config
+        if not isinstance(input_ids, Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
+            got = input_ids.dtype if isinstance(input_ids, Tensor) else type(input_ids).__name__
+            raise TypeError(f"input_ids: expected an int64/int32 tensor, got {got}")
+        if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids: expected shape (batch, seq) with seq >= 1, got {tuple(input_ids.shape)}")
+        if labels is not None:
+            if not isinstance(labels, Tensor) or labels.shape != input_ids.shape:
+                got = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
+                raise ValueError(f"labels: expected the shape of input_ids {tuple(input_ids.shape)}, got {got}")
+        n = input_ids.shape[0]
+        if cu_seqlens is not None:
+            if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+                raise ValueError("cu_seqlens: expected a 1-d int tensor [0, t1, ..., total] of text offsets")
+            if input_ids.shape[0] != 1:
+                raise ValueError(f"input_ids: with cu_seqlens expected one packed row (1, total), "
+                                 f"got {tuple(input_ids.shape)}")
+            n = cu_seqlens.numel() - 1
+        if images is not None:
+            want = (n, c.in_channels, c.image_size, c.image_size)
+            if not isinstance(images, Tensor) or not images.is_floating_point():
+                raise TypeError(f"images: expected a float tensor {want}, got "
+                                f"{images.dtype if isinstance(images, Tensor) else type(images).__name__}")
+            if tuple(images.shape) != want:
+                raise ValueError(f"images: expected shape {want} (one image per sample), got {tuple(images.shape)}")
+
+    # ------------------------------------------------------------------------- generation, files
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, images: Optional[Tensor] = None, max_new_tokens: int = 32,
+                 temperature: float = 0.0, top_k: Optional[int] = None, eos_token_id: Optional[int] = None,
+                 use_cache: bool = True, generator: Optional[torch.Generator] = None) -> Tensor:
+        """Continue `input_ids` (B, T) (every row the same length, e.g. [bos] or [bos] + prompt),
+        conditioned on `images` (B, C, H, W). temperature 0 = greedy; else sampling, from the
+        `top_k` most likely tokens when given. Rows that emit `eos_token_id` stop and are padded
+        with it. Returns (B, T + new) including the input."""
+        from .generation import generate
+
+        return generate(self, input_ids, images, max_new_tokens=max_new_tokens, temperature=temperature,
+                        top_k=top_k, eos_token_id=eos_token_id, use_cache=use_cache, generator=generator)
+
+    def save_pretrained(self, directory, tokenizer=None) -> None:
+        """model.safetensors + config.json (+ the tokenizer's files, when one is given)."""
+        from .hub import save_pretrained
+
+        save_pretrained(self, directory, tokenizer)
+
+    @classmethod
+    def from_pretrained(cls, directory, backend: Optional[str] = None, **config_overrides) -> "MultimodalGPT":
+        """Load what save_pretrained wrote (or the newest such folder inside `directory`)."""
+        from .hub import load_pretrained
+
+        return load_pretrained(cls, directory, backend=backend, **config_overrides)
+
+    @classmethod
+    def from_hf_gpt2(cls, path_or_state_dict, backend: Optional[str] = None, **config_overrides) -> "MultimodalGPT":
+        """A model whose text stack holds a Hugging Face GPT-2 checkpoint (a safetensors file, an HF
+        model folder or a state dict); sizes are read from the weights, the vision encoder is new."""
+        from .hub import from_hf_gpt2
+
+        return from_hf_gpt2(cls, path_or_state_dict, backend=backend, **config_overrides)

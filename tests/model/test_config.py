@@ -1,0 +1,106 @@
+"""ModelConfig: presets, yaml, validation, and the parameter / FLOP counts against the built model."""
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from mmgpt_engine.model import PRESETS, ModelConfig, MultimodalGPT
+
+ROOT = Path(__file__).resolve().parents[2]
+
+VARIANTS = [
+    {},
+    dict(vision_type="cnn", pos_embedding="rope", norm="rmsnorm", n_kv_head=2, bias=False, tie_embeddings=False),
+    dict(n_layer=3, n_head=4, n_kv_head=1, mlp_hidden=200, vision_layers=0, image_size=24, patch_size=8),
+]
+
+
+def test_presets_and_yaml_files_agree():
+    assert set(PRESETS) == {"tiny", "small", "medium", "1b"}
+    for name in PRESETS:
+        from_file = ModelConfig.from_yaml(ROOT / "configs" / "model" / f"{name}.yaml")
+        assert from_file == ModelConfig.from_preset(name)
+    small = ModelConfig.from_preset("small")
+    # GPT-2 124M text stack: 124.4M parameters with tied embeddings and the 1024-position table
+    text = sum(n for k, n in small.param_counts().items() if not k.startswith("vision"))
+    assert abs(text - 124_439_808) == 0
+
+
+def test_unknown_preset_names_the_choices():
+    with pytest.raises(ValueError, match=r"preset: expected one of \['1b', 'medium', 'small', 'tiny'\]"):
+        ModelConfig.from_preset("huge")
+
+
+def test_yaml_preset_plus_overrides(tmp_path):
+    path = tmp_path / "m.yaml"
+    path.write_text("preset: tiny\nn_layer: 3\ndropout: 0.1\n")
+    cfg = ModelConfig.from_yaml(path, n_embd=64)
+    assert (cfg.n_layer, cfg.dropout, cfg.n_embd, cfg.image_size) == (3, 0.1, 64, 32)
+    nested = tmp_path / "run.yaml"
+    nested.write_text("model:\n  preset: small\n  n_layer: 2\ntrain:\n  lr: 1\n")
+    assert ModelConfig.from_yaml(nested).n_layer == 2
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("preset: tiny\nn_layers: 3\n")
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['n_layers'\]"):
+        ModelConfig.from_yaml(bad)
+
+
+def test_dict_and_json_round_trip(tmp_path):
+    cfg = ModelConfig.from_preset("1b", n_layer=2)
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    cfg.to_json(tmp_path / "c.json")
+    assert ModelConfig.from_json(tmp_path / "c.json") == cfg
+    assert cfg.n_kv_head == 8 and ModelConfig().n_kv_head == ModelConfig().n_head
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(n_embd=100, n_head=3), "n_embd: expected a multiple of n_head"),
+    (dict(n_kv_head=3), "n_kv_head: expected a divisor of n_head"),
+    (dict(n_embd=40, n_head=4), "n_head: expected a head dim"),
+    (dict(patch_size=5), "patch_size: expected a divisor of image_size"),
+    (dict(vision_type="cnn", image_size=24, patch_size=6), "patch_size: the cnn encoder"),
+    (dict(max_seq_len=16), "max_seq_len: expected more than the 16 image tokens"),
+    (dict(norm="batchnorm"), r"norm: expected one of \['layernorm', 'rmsnorm'\]"),
+    (dict(pos_embedding="alibi"), "pos_embedding: expected one of"),
+    (dict(dropout=1.0), r"dropout: expected a probability in \[0, 1\)"),
+])
+def test_invalid_configs_name_the_field(bad, match):
+    with pytest.raises(ValueError, match=match):
+        ModelConfig(**bad)
+
+
+def test_wrong_types_raise_type_error():
+    with pytest.raises(TypeError, match="n_layer: expected an int, got float"):
+        ModelConfig(n_layer=2.0)
+
+
+@pytest.mark.parametrize("overrides", VARIANTS)
+def test_param_counts_match_the_model(overrides):
+    cfg = ModelConfig.from_preset("tiny", **overrides)
+    model = MultimodalGPT(cfg)
+    assert model.num_params() == cfg.num_params()
+    assert model.num_params(exclude_embeddings=True) == cfg.num_params(exclude_embeddings=True)
+    assert sum(p.numel() for p in model.vision.parameters()) == sum(
+        n for k, n in cfg.param_counts().items() if k.startswith("vision"))
+
+
+@pytest.mark.parametrize("overrides", VARIANTS[:2])
+def test_flops_per_token_matches_counted_matmuls(overrides):
+    """The formula against torch's FLOP counter on one fwd + bwd (torch backend: the reference
+    attention is two dense matmuls, counted without the causal halving, as the formula). The
+    counter skips bias adds and norms, and the image needs no input gradient, so allow 3%."""
+    cfg = ModelConfig.from_preset("tiny", n_layer=2, **overrides)
+    model = MultimodalGPT(cfg, backend="torch")
+    b, t = 2, 21
+    ids = torch.randint(0, cfg.vocab_size, (b, t))
+    images = torch.randn(b, cfg.in_channels, cfg.image_size, cfg.image_size)
+    with FlopCounterMode(display=False) as counter:
+        model(ids, images, labels=ids).loss.backward()
+    counted = counter.get_total_flops()
+    expected = cfg.flops_per_token(t) * t * b
+    assert abs(counted - expected) / counted < 0.03, (counted, expected)
+    with FlopCounterMode(display=False) as counter:
+        model(ids, labels=ids).loss.backward()
+    expected = cfg.flops_per_token(t, with_image=False) * t * b
+    assert abs(counter.get_total_flops() - expected) / expected < 0.03
