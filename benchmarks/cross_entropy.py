@@ -1,0 +1,77 @@
+"""Softmax cross-entropy over large vocabularies: ours (triton, cuda) against PyTorch eager
+(`F.cross_entropy` on the logits as they are, no float32 copy), `torch.compile` of it, and
+Liger-Kernel's cross-entropy when importable (which writes the gradient into the logits during
+the forward, so its backward is nearly free and its forward does the backward's work).
+
+Sweep: rows (tokens) x vocab from 32k to 256k, bf16, mean reduction; forward, backward and
+forward+backward separately. GB/s over formulas.cross_entropy_bytes; the reference is the faster
+of eager and compiled PyTorch.
+
+    python -m benchmarks.cross_entropy [--quick] [--dry-run] [--out DIR]
+"""
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from . import formulas
+from .harness import CompileCache, Context, autograd_pass, kernel_backends, liger_available
+
+OP = "cross_entropy"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+REFERENCES = ("torch-eager", "torch-compile")
+
+
+def sweep(ctx: Context) -> list[dict]:
+    s = ctx.settings
+    if s.dry_run:
+        return [{"dtype": "bf16", "pass": "fwd+bwd", "rows": 4, "vocab": 1000}]
+    elif s.quick:
+        shapes = [(4096, 32768), (4096, 131072), (4096, 262144)]
+    else:
+        # GPT-2 (padded), Llama-2, Llama-3, Qwen-2 and Gemma vocabularies
+        shapes = [(r, v) for r in (4096, 16384) for v in (32000, 50304, 128256, 151936, 256000)]
+    return [{"dtype": "bf16", "pass": p, "rows": r, "vocab": v} for r, v in shapes for p in formulas.PASSES]
+
+
+def eager_cross_entropy(logits, target):
+    return F.cross_entropy(logits, target)
+
+
+def run(ctx: Context) -> None:
+    from mmgpt_engine import ops
+
+    compiled = CompileCache(ctx)
+    for cfg in sweep(ctx):
+        r, v, dtype = cfg["rows"], cfg["vocab"], DTYPES[cfg["dtype"]]
+        elem = torch.finfo(dtype).bits // 8
+
+        def factory_for(forward_builder):
+            def factory():
+                forward = forward_builder()
+                sets = [(ctx.randn(r, v, dtype=dtype, requires_grad=True),
+                         torch.randint(0, v, (r,), device=ctx.device))
+                        for _ in range(ctx.n_input_sets(r * v * elem))]
+                return autograd_pass(forward, sets, cfg["pass"])
+            return factory
+
+        impls = {f"mmgpt-{b}": factory_for(lambda b=b: (lambda x, t: ops.cross_entropy(x, t, backend=b)))
+                 for b in kernel_backends(ctx, OP)}
+        impls["torch-eager"] = factory_for(lambda: eager_cross_entropy)
+        impls["torch-compile"] = factory_for(lambda: compiled.get((cfg["dtype"], r, v), eager_cross_entropy))
+        if liger_available(ctx, OP):
+            def liger():
+                from liger_kernel.transformers import LigerCrossEntropyLoss
+
+                return LigerCrossEntropyLoss()
+            impls["liger"] = factory_for(liger)
+        nbytes = formulas.cross_entropy_bytes(r, v, elem=elem, pass_=cfg["pass"])
+        ctx.run_config(OP, cfg, impls, nbytes=nbytes, references=REFERENCES)
+
+
+if __name__ == "__main__":
+    from .runner import main
+
+    sys.exit(main(default_only=[OP]))
