@@ -1,0 +1,175 @@
+"""Training and evaluation batches, with a position that a checkpoint can store and restore.
+
+Map-style data (the built-in shapes, JSONL) is read as one endless stream of sample indices:
+stream sample q is `perm(q // N)[q % N]`, where perm(e) is a permutation of the N samples drawn
+from (seed, e). The stream is consumed in rounds of world x micro samples; in each round rank r
+takes the r-th block of `micro`. The position is the number of stream samples consumed, so it
+does not depend on the world size and resuming restarts the stream exactly where it stopped
+(no DataLoader prefetch leaks into it: the loop counts the batches it actually used).
+
+Iterable data (WebDataset shards) splits itself over ranks; its position is the number of
+batches this rank used, replayed on resume by reading and dropping that many (exact for the
+same world size and seed; see `IterableBatches`).
+"""
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+
+class StreamSampler(Sampler):
+    """This rank's micro-batches of indices, from stream position `start` on, forever."""
+
+    def __init__(self, n: int, micro: int, rank: int, world: int, seed: int, start: int = 0, shuffle: bool = True):
+        if n < 1:
+            raise ValueError(f"n: expected a non-empty dataset, got {n} samples")
+        if start % (micro * world):
+            raise ValueError(f"start: expected a multiple of micro x world ({micro * world}), got {start}")
+        self.n, self.micro, self.rank, self.world, self.seed = n, micro, rank, world, seed
+        self.start, self.shuffle = start, shuffle
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._perms:
+            if len(self._perms) > 2:
+                self._perms.pop(min(self._perms))
+            if self.shuffle:
+                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                self._perms[epoch] = torch.randperm(self.n, generator=g)
+            else:
+                self._perms[epoch] = torch.arange(self.n)
+        return self._perms[epoch]
+
+    def index(self, q: int) -> int:
+        epoch, offset = divmod(q, self.n)
+        return int(self._perm(epoch)[offset])
+
+    def __iter__(self) -> Iterator[list[int]]:
+        q = self.start + self.rank * self.micro
+        while True:
+            yield [self.index(i) for i in range(q, q + self.micro)]
+            q += self.micro * self.world
+
+    def __len__(self):  # endless; DataLoader asks only when someone calls len()
+        raise TypeError("StreamSampler is endless")
+
+
+class MapBatches:
+    """Micro-batches of a map-style dataset for this rank, resumable at a stream position."""
+
+    def __init__(self, dataset, collate, micro: int, rank: int, world: int, seed: int, num_workers: int = 0):
+        self.dataset, self.collate = dataset, collate
+        self.micro, self.rank, self.world, self.seed, self.num_workers = micro, rank, world, seed, num_workers
+        self.position = 0  # stream samples consumed by all ranks together
+        self._iter = None
+
+    def state_dict(self) -> dict:
+        return {"kind": "map", "position": self.position, "seed": self.seed, "n": len(self.dataset)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("kind") != "map":
+            raise ValueError(f"data position: expected a map-style stream position, got {state!r}")
+        if state.get("n") != len(self.dataset) or state.get("seed") != self.seed:
+            raise ValueError(f"data position: the checkpoint's stream has {state.get('n')} samples under seed "
+                             f"{state.get('seed')}, this run has {len(self.dataset)} under seed {self.seed}")
+        round_size = self.micro * self.world
+        # another world size or micro batch (a universal-checkpoint resume) restarts at the round boundary
+        self.position = (int(state["position"]) // round_size) * round_size
+        self._iter = None
+
+    def _loader(self):
+        sampler = StreamSampler(len(self.dataset), self.micro, self.rank, self.world, self.seed, start=self.position)
+        # its own generator: creating a loader iterator must not draw from the global torch RNG,
+        # which the checkpoint restores for exact resume
+        return iter(DataLoader(self.dataset, batch_sampler=sampler, collate_fn=self.collate,
+                               num_workers=self.num_workers, persistent_workers=False,
+                               generator=torch.Generator().manual_seed(self.seed),
+                               prefetch_factor=2 if self.num_workers else None))
+
+    def next(self) -> dict:
+        if self._iter is None:
+            self._iter = self._loader()
+        batch = next(self._iter)
+        self.position += self.micro * self.world
+        return batch
+
+
+class IterableBatches:
+    """Micro-batches of an iterable dataset (already split over ranks by the dataset), epoch
+    after epoch (`set_epoch`), resumable by replaying the batches this rank already used."""
+
+    def __init__(self, dataset, collate, micro: int, seed: int, num_workers: int = 0):
+        self.dataset, self.collate, self.micro, self.seed, self.num_workers = dataset, collate, micro, seed, num_workers
+        self.epoch, self.in_epoch = 0, 0
+        self._iter = None
+
+    def state_dict(self) -> dict:
+        return {"kind": "iterable", "epoch": self.epoch, "batches": self.in_epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("kind") != "iterable":
+            raise ValueError(f"data position: expected an iterable-stream position, got {state!r}")
+        self.epoch, skip = int(state["epoch"]), int(state["batches"])
+        self._open()
+        for _ in range(skip):
+            self._draw()
+        self.in_epoch = skip
+
+    def _open(self):
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(self.epoch)
+        self._iter = iter(DataLoader(self.dataset, batch_size=self.micro, collate_fn=self.collate,
+                                     num_workers=self.num_workers, drop_last=True,
+                                     generator=torch.Generator().manual_seed(self.seed + self.epoch)))
+
+    def _draw(self):
+        for _ in range(2):
+            try:
+                return next(self._iter)
+            except StopIteration:
+                self.epoch, self.in_epoch = self.epoch + 1, 0
+                self._open()
+        raise RuntimeError(f"data: a whole pass over the shards gave no batch of {self.micro} samples on this rank; "
+                           f"every sample was skipped or the shards hold fewer than micro_batch_size samples")
+
+    def next(self) -> dict:
+        if self._iter is None:
+            self._open()
+        batch = self._draw()
+        self.in_epoch += 1
+        return batch
+
+
+def eval_batches(dataset, collate, micro: int, rank: int, world: int, limit: int) -> Iterator[dict]:
+    """Held-out micro-batches for this rank: the first `limit` samples (or all), split into equal
+    contiguous shards, so every rank runs the same number of forward passes (ZeRO-3 gathers
+    parameters collectively inside each forward)."""
+    n = len(dataset) if limit <= 0 else min(limit, len(dataset))
+    per_rank = n // world
+    start = rank * per_rank
+    for lo in range(start, start + per_rank, micro):
+        hi = min(lo + micro, start + per_rank)
+        yield collate([dataset[i] for i in range(lo, hi)])
+
+
+def build_batches(dataset, collate, micro: int, rank: int, world: int, seed: int, num_workers: int = 0):
+    if isinstance(dataset, torch.utils.data.IterableDataset):
+        return IterableBatches(dataset, collate, micro, seed, num_workers)
+    return MapBatches(dataset, collate, micro, rank, world, seed, num_workers)
+
+
+def batch_text_lengths(batch: dict) -> list[int]:
+    """Text positions the model runs per sample (padding included: the compute is spent on it)."""
+    ids = batch["input_ids"]
+    if batch.get("cu_seqlens") is not None:
+        cu = batch["cu_seqlens"].tolist()
+        return [b - a for a, b in zip(cu[:-1], cu[1:])]
+    return [ids.shape[1]] * ids.shape[0]
+
+
+def batch_size_of(batch: dict) -> Optional[int]:
+    if batch.get("cu_seqlens") is not None:
+        return batch["cu_seqlens"].numel() - 1
+    return batch["input_ids"].shape[0]

@@ -1,0 +1,296 @@
+"""mmgpt-train: multimodal pretraining and fine-tuning under DeepSpeed ZeRO.
+
+    deepspeed --num_gpus 8 --module mmgpt_engine.train --config configs/train_tiny.yaml \\
+        --deepspeed_config configs/ds_zero3.json --output_dir runs/x
+    DS_ACCELERATOR=cpu deepspeed --num_gpus 2 --module mmgpt_engine.train      # 2 CPU ranks (gloo)
+    python -m mmgpt_engine.train --max_steps 50                                 # one process, no launcher
+    mmgpt-train --init_from runs/x/model --freeze vision --config my_data.yaml  # second stage
+
+With no arguments: the tiny preset on the built-in captioned shapes with configs/ds_zero2.json.
+Order of set-up: configuration and environment checks (fail fast, nothing built), process
+group, data, model (+ --init_from), engine, resume, loop, export. Outputs in --output_dir:
+metrics.jsonl, tensorboard/, loss_curve.png, checkpoints/, model/ (fp32 safetensors + config).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+from .checkpoint import CheckpointError, CheckpointManager, check_compatible, complete_checkpoints, find_resume
+from .config import ConfigError, TrainConfig, default_config_path, default_deepspeed_config_path
+from .faults import NonFiniteGuard, NonFiniteLossError, StopSignal
+
+# a flag -> the config key it sets
+FLAG_KEYS = {"output_dir": "run.output_dir", "max_steps": "run.max_steps", "save_steps": "run.save_steps",
+             "logging_steps": "run.logging_steps", "eval_steps": "run.eval_steps", "seed": "run.seed",
+             "backend": "run.backend", "init_from": "run.init_from", "freeze": "run.freeze",
+             "precision": "run.precision", "micro_batch_size": "batch.micro_batch_size",
+             "grad_accum": "batch.grad_accum"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import deepspeed
+
+    p = argparse.ArgumentParser(prog="mmgpt-train", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Any config key: --set section.key=value (e.g. --set model.n_layer=2).")
+    p.add_argument("--config", help="training yaml (default: configs/train_tiny.yaml)")
+    p.add_argument("--output_dir", help="where checkpoints, logs and the exported model go")
+    p.add_argument("--max_steps", type=int, help="optimizer steps to train (the schedule's length)")
+    p.add_argument("--save_steps", type=int, help="checkpoint every N steps (0: only at the end / on a signal)")
+    p.add_argument("--logging_steps", type=int, help="print a log line every N steps (metrics.jsonl has every step)")
+    p.add_argument("--eval_steps", type=int, help="evaluate every N steps (0: only at the end)")
+    p.add_argument("--resume", default="auto",
+                   help="auto (default): continue from the newest complete checkpoint in output_dir if any; "
+                        "PATH: a checkpoint folder (or a checkpoints/output folder); none: start fresh")
+    p.add_argument("--overwrite_output_dir", action="store_true",
+                   help="with --resume none: delete the checkpoints and logs already in output_dir")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--backend", choices=["torch", "triton", "cuda"], help="kernel backend of the model's ops")
+    p.add_argument("--init_from", help="weights to start from: a save_pretrained folder or a Hugging Face GPT-2 "
+                                       "folder/file (the optimizer state starts fresh)")
+    p.add_argument("--freeze", choices=["none", "vision", "text"], help="parameters to keep fixed")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--micro_batch_size", type=int, help="samples per rank per micro step")
+    p.add_argument("--grad_accum", type=int, help="micro steps per optimizer step")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config key (repeatable)")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # added by the launcher
+    deepspeed.add_config_arguments(p)
+    return p
+
+
+def load_config(args) -> TrainConfig:
+    from .config import apply_overrides, load_yaml
+
+    if args.config is not None:
+        values = load_yaml(args.config)
+        source = args.config
+    elif default_config_path().is_file():
+        values, source = load_yaml(default_config_path()), str(default_config_path())
+    else:
+        values, source = {}, "built-in defaults"
+    apply_overrides(values, args.overrides)
+    cfg = TrainConfig.from_dict(values, source=source)
+    for flag, key in FLAG_KEYS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            cfg.set(key, value)
+    cfg.validate()
+    return cfg
+
+
+def load_ds_config(args) -> tuple[dict, str]:
+    from .ds_config import load_deepspeed_config
+
+    path = args.deepspeed_config
+    if path is None and default_deepspeed_config_path().is_file():
+        path = str(default_deepspeed_config_path())
+    if path is None:
+        return {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto",
+                "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}, "built-in ZeRO-2 config"
+    return load_deepspeed_config(path), path
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    stop = StopSignal().install()  # from the start: a signal during set-up still ends in a clean save
+    try:
+        return run(argv, stop)
+    except (ConfigError, CheckpointError) as e:
+        print(f"mmgpt-train: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    except NonFiniteLossError as e:
+        print(f"mmgpt-train: stopped: {e}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        stop.restore()
+
+
+def run(argv: Optional[Sequence[str]], stop: StopSignal) -> int:
+    from . import preflight
+    from .ds_config import lr_lambda, resolve_deepspeed_config, zero_stage
+
+    args = build_parser().parse_args(argv)
+    # ------------------------------------------------ fail fast: nothing heavy exists yet
+    cfg = load_config(args)
+    model_config = cfg.model_config()
+    ds_raw, ds_source = load_ds_config(args)
+    rank, world, local_rank, launched = preflight.launch_env()
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    device_type = acc.device_name()
+    ds = resolve_deepspeed_config(ds_raw, cfg, world_size=world, accelerator=device_type,
+                                  bf16_supported=bool(acc.is_bf16_supported()), hidden_size=model_config.n_embd,
+                                  source=ds_source)
+    preflight.check_backend(cfg.run.backend, device_type)
+    preflight.check_data(cfg)
+    if cfg.run.init_from is not None and not Path(cfg.run.init_from).exists():
+        raise ConfigError(f"--init_from: no such file or folder {cfg.run.init_from!r}")
+    output_dir = Path(cfg.run.output_dir)
+    preflight.check_output_dir(output_dir, rank)
+    target = find_resume(args.resume, output_dir)
+    if target is not None:
+        check_compatible(target, world, zero_stage(ds))
+    elif complete_checkpoints(output_dir / "checkpoints") and not args.overwrite_output_dir:
+        raise ConfigError(f"--output_dir {str(output_dir)!r} holds checkpoints of another run and --resume is "
+                          f"{args.resume!r}: continue it with --resume auto, or pass --overwrite_output_dir, or "
+                          f"choose another --output_dir")
+
+    # ------------------------------------------------ process group
+    if not launched:
+        preflight.single_process_env()
+    import torch
+
+    if device_type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        # ranks on one host share its cores; oversubscribed threads slow every rank down
+        local_size = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", world)))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_size, 1)))
+    import warnings
+
+    # DeepSpeed's ZeRO calls torch.distributed functions that torch now flags on every rank
+    warnings.filterwarnings("ignore", message=r".* is deprecated\. Please use `torch\.distributed\.",
+                            category=FutureWarning)
+    import deepspeed
+    import deepspeed.comm as dist
+
+    deepspeed.init_distributed(dist_backend=acc.communication_backend_name(), verbose=False)
+    if device_type != "cpu":
+        acc.set_device(local_rank)
+    device = torch.device(acc.current_device_name())
+    if args.overwrite_output_dir and target is None and rank == 0:
+        import shutil
+
+        for name in ("checkpoints", "tensorboard", "model"):
+            shutil.rmtree(output_dir / name, ignore_errors=True)
+        (output_dir / "metrics.jsonl").unlink(missing_ok=True)
+    dist.barrier()
+
+    # ------------------------------------------------ data, model, engine
+    from ..data import build_dataset, get_tokenizer, make_collate
+    from .batches import build_batches
+    from .evaluation import Evaluator
+    from .metrics import MetricsLogger, device_peak_tflops, plot_loss_curve
+    from .weights import build_model, export_pretrained, freeze, parameter_groups, register_tied_head
+
+    seed = cfg.run.seed
+    # the same seed on every rank while the weights are drawn: ZeRO-3 keeps each rank's own shard
+    _seed_all(seed)
+    # resuming, the checkpoint overwrites these weights, but a run that began from --init_from still
+    # needs that model's sizes
+    init_from = cfg.run.init_from
+    model = build_model(model_config, init_from, cfg.run.backend, written=cfg.model)
+    model_config = model.config  # --init_from brings its own sizes; the data must fit them
+    frozen = freeze(model, cfg.run.freeze)
+    n_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
+    if zero_stage(ds) == 3:
+        register_tied_head(model)
+    tokenizer = get_tokenizer(cfg.data.tokenizer)
+    common = dict(tokenizer=tokenizer, config=model_config, seed=seed, rank=rank, world_size=world,
+                  **cfg.data.options)
+    try:
+        train_set = build_dataset(cfg.data.kind, path=cfg.data.path, split="train", **common)
+        val_set = _val_dataset(cfg, common, build_dataset)
+    except (FileNotFoundError, ValueError, TypeError) as e:
+        raise ConfigError(f"data: {e}") from e
+    collate = make_collate(tokenizer, model_config)
+    _seed_all(seed + 1000 * (rank + 1))  # then a stream per rank (dropout)
+    scheduler = None if "scheduler" in ds else (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model, cfg.optim.weight_decay),
+                                           config=ds, lr_scheduler=scheduler, dist_init_required=False)
+    batches = build_batches(train_set, collate, cfg.batch.micro_batch_size, rank, world, seed, cfg.data.num_workers)
+    checkpoints = CheckpointManager(output_dir, keep=cfg.run.keep_checkpoints)
+    peak, device_name = device_peak_tflops(device)
+    from .loop import Trainer
+
+    trainer = Trainer(engine=engine, cfg=cfg, model_config=model_config, batches=batches, evaluator=None,
+                      checkpoints=checkpoints, metrics=None, device=device, rank=rank, world=world, stop=stop,
+                      guard=NonFiniteGuard(cfg.run.max_nonfinite), peak_tflops=peak)
+    if target is not None:
+        trainer.load_client_state(checkpoints.load(engine, target))
+    start = trainer.state.step
+    metrics = MetricsLogger(output_dir, rank, cfg.run.max_steps, start, progress=cfg.run.progress)
+    trainer.metrics = metrics
+    if rank == 0:
+        _write_run_files(output_dir, cfg, ds)
+        metrics.write(f"mmgpt-train: {world} rank(s) on {device_name} ({acc.communication_backend_name()}), "
+                      f"ZeRO stage {zero_stage(ds)}, {cfg.run.precision}, {n_params / 1e6:.2f}M parameters"
+                      f"{f' ({frozen / 1e6:.2f}M frozen: {cfg.run.freeze})' if frozen else ''}, batch "
+                      f"{cfg.batch.micro_batch_size} x {cfg.batch.grad_accum} accum x {world} = "
+                      f"{cfg.batch.global_batch_size}, {cfg.run.max_steps} steps"
+                      + (f", resuming from {target.path} at step {start}" if target is not None else "")
+                      + (f", weights from {init_from}" if init_from and target is None else ""))
+    trainer.evaluator = Evaluator(val_set, collate, tokenizer, model_config, cfg.batch.micro_batch_size, rank, world,
+                                  cfg.data.val_samples, cfg.data.caption_eval_samples,
+                                  captions=cfg.data.kind == "shapes")
+
+    # ------------------------------------------------ train, export, report
+    t0 = time.perf_counter()
+    try:
+        state = trainer.run()
+    finally:
+        metrics.close()
+    if state.stopped_by is None and start >= cfg.run.max_steps and trainer.evaluator.enabled:
+        state.last_eval = trainer.evaluator.run(engine, device)  # a finished run resumed: report it again
+    exported = None
+    if state.stopped_by is None and cfg.run.export:
+        exported = export_pretrained(engine, model_config, output_dir / "model", tokenizer=tokenizer,
+                                     backend=cfg.run.backend)
+    if rank == 0:
+        curve = plot_loss_curve(metrics.path, output_dir / "loss_curve.png") if metrics.path.is_file() else None
+        _summary(cfg, state, output_dir, exported, curve, time.perf_counter() - t0)
+    dist.barrier()
+    return 0
+
+
+def _val_dataset(cfg, common, build_dataset):
+    d = cfg.data
+    if d.kind == "shapes":
+        return build_dataset("shapes", split="val", **common)
+    path = d.val_path or (d.path if "{split}" in (d.path or "") else None)
+    if path is None:
+        return None
+    return build_dataset(d.kind, path=path, split="val", **common)
+
+
+def _seed_all(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _write_run_files(output_dir: Path, cfg: TrainConfig, ds: dict) -> None:
+    import yaml
+
+    (output_dir / "train_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    (output_dir / "ds_config.json").write_text(json.dumps(ds, indent=2) + "\n")
+
+
+def _summary(cfg, state, output_dir: Path, exported, curve, seconds: float) -> None:
+    ev = state.last_eval or {}
+    lines = [f"mmgpt-train: {'stopped by ' + state.stopped_by if state.stopped_by else 'done'} at step {state.step} "
+             f"in {seconds:.0f} s"]
+    if ev.get("val_loss") is not None:
+        lines.append(f"  final val loss      {ev['val_loss']:.4f}")
+    if ev.get("val_loss_other_images") is not None:
+        lines.append(f"    with other images {ev['val_loss_other_images']:.4f} (the gap is what the model reads from "
+                     f"the pixels)")
+    if ev.get("caption_acc") is not None:
+        lines.append(f"  caption exact-match {100 * ev['caption_acc']:.1f}%")
+    lines.append(f"  metrics             {output_dir / 'metrics.jsonl'} (TensorBoard: {output_dir / 'tensorboard'})")
+    if curve is not None:
+        lines.append(f"  loss curve          {curve}")
+    lines.append(f"  checkpoints         {output_dir / 'checkpoints'} (continue: --resume auto)")
+    if exported is not None:
+        lines.append(f"  model               {exported} (caption an image: python -m mmgpt_engine.generate "
+                     f"--checkpoint {exported} --image IMAGE.png)")
+    print("\n".join(lines), flush=True)

@@ -1,0 +1,83 @@
+"""Faults the loop survives: a stop signal (SIGTERM from a scheduler, SIGINT from Ctrl-C) and
+non-finite losses.
+
+Signals only raise a flag; the loop reads it at the next micro-step, all ranks agree on it in the
+same all-reduce that checks the loss (a signal reaches ranks at different moments), then they save
+a checkpoint together and exit 0. The deepspeed launcher answers SIGINT/SIGTERM by sending SIGTERM
+to every rank and waits 30 s before killing them, which is the time the save has. A third signal
+exits at once, without saving.
+
+A non-finite loss (bf16/fp32; fp16 overflow is DeepSpeed's loss scaler's business) is detected
+before backward on any rank, so every rank skips that micro-batch's backward together and draws
+the next one; `max_consecutive` in a row stop the run with NonFiniteLossError.
+"""
+from __future__ import annotations
+
+import signal
+import sys
+from typing import Optional
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class StopSignal:
+    """Installs SIGTERM/SIGINT handlers that record the request; `restore()` puts back the old ones."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: Optional[str] = None
+        self.count = 0
+        self._previous = {}
+
+    def install(self) -> "StopSignal":
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.count += 1
+        self.received = signal.Signals(signum).name
+        if self.count >= 3:
+            print(f"mmgpt-train: {self.received} received {self.count} times: exiting without saving",
+                  file=sys.stderr, flush=True)
+            raise SystemExit(128 + signum)
+
+    @property
+    def requested(self) -> bool:
+        return self.received is not None
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+class NonFiniteGuard:
+    """Counts skipped micro-batches and consecutive ones."""
+
+    def __init__(self, max_consecutive: int):
+        self.max_consecutive = max_consecutive
+        self.total = 0
+        self.consecutive = 0
+
+    def record(self, finite: bool, step: int) -> None:
+        if finite:
+            self.consecutive = 0
+            return
+        self.total += 1
+        self.consecutive += 1
+        if self.consecutive >= self.max_consecutive:
+            raise NonFiniteLossError(
+                f"the loss was NaN/inf on {self.consecutive} consecutive micro-batches (at step {step}; {self.total} "
+                f"skipped in all): the run has diverged. Lower optim.lr, raise schedule.warmup_steps, check the "
+                f"data, or resume from an earlier checkpoint (--resume PATH). The limit is run.max_nonfinite.")
+
+    def state_dict(self) -> dict:
+        return {"total": self.total, "consecutive": self.consecutive}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.total = int(state.get("total", 0))
+        self.consecutive = int(state.get("consecutive", 0))

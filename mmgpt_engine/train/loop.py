@@ -1,0 +1,183 @@
+"""The training loop: micro-batches through the DeepSpeed engine, evaluation, checkpoints, logs.
+
+One optimizer step = `gradient_accumulation_steps` micro-batches per rank. After each micro-batch's
+forward, one all-reduce carries everything the ranks must agree on or sum: the loss, whether it
+was finite, whether a stop signal arrived, and the tokens / samples / FLOPs / skipped data done.
+So every rank takes the same decision (skip this micro-batch, stop after this step) at the same
+point, which collective code (ZeRO, the checkpoint save) requires.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from .batches import batch_text_lengths
+from .faults import NonFiniteGuard, StopSignal
+
+
+@dataclass
+class LoopState:
+    step: int = 0
+    tokens_seen: float = 0.0
+    data_skipped: float = 0.0
+    last_eval: dict = field(default_factory=dict)
+    stopped_by: Optional[str] = None
+
+
+def _device_batch(batch: dict, device) -> dict:
+    kwargs = {"input_ids": batch["input_ids"].to(device), "labels": batch["labels"].to(device)}
+    if batch.get("images") is not None:
+        kwargs["images"] = batch["images"].to(device)
+    if batch.get("cu_seqlens") is not None:
+        kwargs["cu_seqlens"] = batch["cu_seqlens"].to(device)
+    return kwargs
+
+
+class Trainer:
+    def __init__(self, *, engine, cfg, model_config, batches, evaluator, checkpoints, metrics, device, rank: int,
+                 world: int, stop: StopSignal, guard: NonFiniteGuard, peak_tflops: Optional[float]):
+        self.engine, self.cfg, self.model_config = engine, cfg, model_config
+        self.batches, self.evaluator, self.checkpoints, self.metrics = batches, evaluator, checkpoints, metrics
+        self.device, self.rank, self.world = device, rank, world
+        self.stop, self.guard, self.peak_tflops = stop, guard, peak_tflops
+        self.state = LoopState()
+        # ZeRO-0 in fp32 steps a plain torch optimizer, and DeepSpeed computes no gradient norm for it
+        self._plain_optimizer = (engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
+                                 and not engine.fp16_enabled())
+        self._grad_norm: Optional[float] = None
+
+    # ------------------------------------------------------------------ state for checkpoints
+    def client_state(self) -> dict:
+        import deepspeed.comm as dist
+
+        data = [None] * self.world
+        dist.all_gather_object(data, self.batches.state_dict())
+        return {"data": data, "nonfinite": self.guard.state_dict(), "tokens_seen": self.state.tokens_seen,
+                "data_skipped": self.state.data_skipped, "train_config": self.cfg.to_dict()}
+
+    def load_client_state(self, client: dict) -> None:
+        self.state.step = int(client.get("step", 0))
+        self.state.tokens_seen = float(client.get("tokens_seen", 0.0))
+        self.state.data_skipped = float(client.get("data_skipped", 0.0))
+        self.guard.load_state_dict(client.get("nonfinite", {}))
+        data = client.get("data")
+        if isinstance(data, list) and data:
+            # same world size: this rank's own position; otherwise rank 0's (a map-style position is global)
+            self.batches.load_state_dict(data[self.rank] if len(data) == self.world else data[0])
+
+    # ------------------------------------------------------------------ one step
+    def _flops(self, batch: dict) -> float:
+        with_image = batch.get("images") is not None
+        return float(sum(self.model_config.flops_per_token(t, with_image) * t for t in batch_text_lengths(batch)))
+
+    def train_step(self) -> dict:
+        """Micro-batches until an optimizer step happened; returns the step's summed numbers."""
+        import deepspeed.comm as dist
+
+        engine = self.engine
+        sums = torch.zeros(7, dtype=torch.float64)
+        lr = engine.get_lr()[0] if engine.get_lr() else None
+        while True:
+            batch = self.batches.next()
+            out = engine(**_device_batch(batch, self.device))
+            loss = out.loss
+            finite = bool(torch.isfinite(loss.detach()).all())
+            lengths = batch_text_lengths(batch)
+            local = torch.tensor([float(loss.detach()) if finite else 0.0, 0.0 if finite else 1.0,
+                                  1.0 if self.stop.requested else 0.0, float(sum(lengths)), float(len(lengths)),
+                                  self._flops(batch), float(batch.get("n_skipped", 0))],
+                                 dtype=torch.float64, device=self.device)
+            dist.all_reduce(local)
+            local = local.cpu()
+            sums[2:] += local[2:]
+            if local[1] > 0:
+                # some rank saw NaN/inf: every rank drops this micro-batch (no backward, no step)
+                del out, loss
+                self.guard.record(False, self.state.step + 1)
+                continue
+            self.guard.record(True, self.state.step + 1)
+            sums[0] += local[0] / self.world
+            sums[1] += 1
+            boundary = engine.is_gradient_accumulation_boundary()
+            engine.backward(loss)
+            if boundary and self._plain_optimizer:
+                # DeepSpeed reports no norm on this path; the gradients are averaged over ranks by now
+                grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+                self._grad_norm = float(torch.nn.utils.get_total_norm(grads)) if grads else None
+            engine.step()
+            if boundary:
+                break
+        return {"loss": float(sums[0] / sums[1]), "lr": lr, "stop": bool(sums[2] > 0), "tokens": float(sums[3]),
+                "samples": float(sums[4]), "flops": float(sums[5]), "data_skipped": float(sums[6])}
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> LoopState:
+        cfg, engine, st = self.cfg, self.engine, self.state
+        r = cfg.run
+        engine.train()
+        overflow_before = getattr(engine, "skipped_steps", 0)
+        while st.step < r.max_steps:
+            t0 = time.perf_counter()
+            result = self.train_step()
+            elapsed = max(time.perf_counter() - t0, 1e-9)
+            st.step += 1
+            st.tokens_seen += result["tokens"]
+            st.data_skipped += result["data_skipped"]
+            grad_norm = self._grad_norm if self._plain_optimizer else engine.get_global_grad_norm()
+            record = {
+                "step": st.step, "loss": result["loss"], "lr": result["lr"],
+                "grad_norm": float(grad_norm) if grad_norm is not None else None,
+                "tokens_per_s": result["tokens"] / elapsed, "samples_per_s": result["samples"] / elapsed,
+                "mfu": (result["flops"] / elapsed / (self.peak_tflops * 1e12 * self.world)
+                        if self.peak_tflops else None),
+                "peak_tflops": self.peak_tflops, "mem_gb": _mem_gb(self.device),
+                "skipped": self.guard.total, "overflow_skipped": getattr(engine, "skipped_steps", 0) - overflow_before,
+                "data_skipped": st.data_skipped, "time_s": elapsed,
+            }
+            last = st.step >= r.max_steps
+            if self.evaluator is not None and self.evaluator.enabled and (
+                    last or (r.eval_steps and st.step % r.eval_steps == 0)):
+                st.last_eval = self.evaluator.run(engine, self.device)
+                record.update({k: v for k, v in st.last_eval.items() if k != "examples"})
+                self._report_eval(st.step, st.last_eval)
+            self.metrics.log(record)
+            if st.step % r.logging_steps == 0 or last:
+                self._report(record)
+            stop = result["stop"]
+            if stop or last or (r.save_steps and st.step % r.save_steps == 0):
+                if self.checkpoints.last_saved_step != st.step:
+                    path = self.checkpoints.save(engine, st.step, self.client_state())
+                    self.metrics.write(f"saved checkpoint {path}")
+            if stop:
+                st.stopped_by = self.stop.received or "signal"
+                self.metrics.write(f"{st.stopped_by} received: saved the checkpoint at step {st.step}; resume with "
+                                   f"--resume auto")
+                break
+        return st
+
+    def _report(self, rec: dict) -> None:
+        gn = f"{rec['grad_norm']:.3f}" if rec.get("grad_norm") is not None else "-"
+        mfu = f"{100 * rec['mfu']:.1f}% of {rec['peak_tflops']:.0f} TFLOP/s" if rec.get("mfu") is not None else "-"
+        self.metrics.write(f"step {rec['step']}/{self.cfg.run.max_steps} | loss {rec['loss']:.4f} | lr {rec['lr']:.3g} | "
+                           f"grad {gn} | {rec['tokens_per_s']:,.0f} tok/s | mfu {mfu} | mem {rec['mem_gb']:.2f} GB")
+
+    def _report_eval(self, step: int, ev: dict) -> None:
+        parts = [f"eval @ step {step}: val_loss {ev['val_loss']:.4f}" if ev.get("val_loss") is not None
+                 else f"eval @ step {step}: val_loss -"]
+        if ev.get("val_loss_other_images") is not None:
+            parts.append(f"with mismatched images {ev['val_loss_other_images']:.4f}")
+        if ev.get("caption_acc") is not None:
+            parts.append(f"caption exact-match {100 * ev['caption_acc']:.1f}%")
+        self.metrics.write(" | ".join(parts))
+        for reference, generated in ev.get("examples", [])[:2]:
+            self.metrics.write(f"    image of {reference!r} -> {generated!r}")
+
+
+def _mem_gb(device) -> float:
+    from .metrics import memory_gb
+
+    return memory_gb(device)
+

@@ -1,0 +1,106 @@
+"""Checks that run before any process group, dataset or model exists, so that a run which cannot
+work fails in a second with a message naming the setting, instead of after minutes of start-up
+(or, worse, on one rank while the others wait in a collective).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .config import ConfigError, TrainConfig
+
+
+def check_data(cfg: TrainConfig) -> None:
+    """The user's data exists and is readable: a JSONL manifest file, WebDataset shards."""
+    d = cfg.data
+    if d.tokenizer not in (None, "byte") and not Path(d.tokenizer).exists():
+        raise ConfigError(f"data.tokenizer: expected 'byte', a tokenizer.json file or a folder, got {d.tokenizer!r} "
+                          f"(no such file or folder)")
+    if d.kind == "shapes":
+        return
+    for key, spec, split in (("data.path", d.path, "train"), ("data.val_path", d.val_path, "val")):
+        if spec is None:
+            continue
+        spec = spec.replace("{split}", split)
+        if d.kind == "jsonl":
+            path = Path(spec)
+            if not path.is_file():
+                raise ConfigError(f"{key}: expected a JSONL manifest file, got {spec!r} (no such file)")
+            if not os.access(path, os.R_OK):
+                raise ConfigError(f"{key}: {spec!r} is not readable")
+        else:
+            _check_shards(key, spec)
+
+
+def _check_shards(key: str, spec: str) -> None:
+    from ..data.shards import expand_shards
+
+    try:
+        urls = expand_shards(spec)
+    except (FileNotFoundError, ValueError, TypeError) as e:
+        message = str(e).removeprefix("path: ")  # the data package names its own argument
+        raise ConfigError(f"{key}: {message}") from e
+    local = [u for u in urls if "://" not in u and not u.startswith("pipe:")]
+    if not local:
+        return  # remote shards: the webdataset reader counts unreachable ones as skips
+    readable = [u for u in local if os.path.isfile(u) and os.access(u, os.R_OK)]
+    if not readable:
+        shown = local[:3] + (["..."] if len(local) > 3 else [])
+        raise ConfigError(f"{key}: none of the {len(local)} shard(s) of {spec!r} is a readable file: {shown}")
+
+
+def check_output_dir(path: Path, rank: int) -> None:
+    """Creatable and writable by this rank (each rank writes its own checkpoint files)."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write_probe_rank{rank}_{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--output_dir: {str(path)!r} is not a writable folder ({e.strerror or e})") from e
+
+
+def check_backend(backend, device_type: str) -> None:
+    """`--backend` (or MMGPT_BACKEND, which the ops read when it is unset) can run on this run's
+    device; the error names what is available instead."""
+    from ..ops._dispatch import BACKENDS, ENV_VAR, available_backends, unavailable_reason
+
+    source = "--backend"
+    if backend is None:
+        backend = os.environ.get(ENV_VAR, "").strip() or None
+        source = f"{ENV_VAR} (environment)"
+        if backend is None:
+            return
+        if backend not in BACKENDS:
+            raise ConfigError(f"{source}: expected one of {list(BACKENDS)}, got {backend!r}")
+    import torch
+
+    device = torch.device(device_type)
+    reason = unavailable_reason(backend, device)
+    if reason is not None:
+        raise ConfigError(f"{source} {backend}: not available on {device_type} ({reason}); available here: "
+                          f"{available_backends(device)} (leave it unset to pick the best of them)")
+
+
+def launch_env() -> tuple[int, int, int, bool]:
+    """(rank, world size, local rank, launched): what the deepspeed launcher (or torchrun, or a
+    scheduler) set; a bare `python -m mmgpt_engine.train` is rank 0 of 1."""
+    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if not 0 <= rank < world:
+        raise ConfigError(f"RANK={rank} and WORLD_SIZE={world} in the environment: expected 0 <= RANK < WORLD_SIZE")
+    return rank, world, local_rank, launched
+
+
+def single_process_env() -> None:
+    """The variables torch.distributed needs, for one process on this machine."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_SIZE": "1",
+                       "MASTER_ADDR": "127.0.0.1"})
+    os.environ.setdefault("MASTER_PORT", str(port))

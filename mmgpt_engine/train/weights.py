@@ -1,0 +1,154 @@
+"""Model weights into and out of the DeepSpeed engine.
+
+In: the model is built (and `--init_from` weights loaded) as a plain module *before*
+deepspeed.initialize, so nothing is partitioned yet and loading reads whole tensors; DeepSpeed
+then partitions (ZeRO-3) and makes its fp32 master copies from the loaded values.
+
+Out: under ZeRO a parameter may hold only this rank's shard (ZeRO-3: size 0 outside its module's
+forward) and the fp32 master weights live in the optimizer. `full_fp32_state_dict` assembles each
+parameter on rank 0 with DeepSpeed's `safe_get_full_fp32_param` (master weights, stages 1-3 and
+the bf16 optimizer), falling back to gathering the module parameter with
+`deepspeed.zero.GatheredParameters` (frozen parameters, fp32 stage 0). Every rank must call it,
+in the same order: both paths are collective.
+"""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .config import ConfigError
+
+
+def build_model(model_config, init_from: Optional[str], backend: Optional[str], written: Optional[dict] = None):
+    """A MultimodalGPT: fresh from `model_config`; or a save_pretrained folder (its own config,
+    with the model keys the user wrote in the training yaml, `written`, applied on top); or a
+    Hugging Face GPT-2 text stack (sizes from its weights) with the vision side of `model_config`."""
+    from ..model.gpt import MultimodalGPT
+    from ..model.hub import CONFIG_NAME, WEIGHTS_NAME
+
+    if init_from is None:
+        return MultimodalGPT(model_config, backend=backend)
+    written = {k: v for k, v in (written or {}).items() if k != "preset"}
+    path = Path(init_from)
+    if not path.exists():
+        raise ConfigError(f"--init_from: no such file or folder {init_from!r}")
+    ours = path.is_dir() and (path / WEIGHTS_NAME).is_file() and (path / CONFIG_NAME).is_file() \
+        and "model_type" not in _read_json(path / CONFIG_NAME)
+    try:
+        if ours:
+            return MultimodalGPT.from_pretrained(path, backend=backend, **written)
+        vision_keys = ("image_size", "patch_size", "in_channels", "vision_type", "vision_layers", "vision_width",
+                       "vision_heads", "dropout", "init_std", "gradient_checkpointing")
+        overrides = {k: getattr(model_config, k) for k in vision_keys}
+        overrides.update(written)
+        return MultimodalGPT.from_hf_gpt2(str(path), backend=backend, **overrides)
+    except (FileNotFoundError, ValueError, TypeError, RuntimeError) as e:
+        raise ConfigError(f"--init_from {init_from}: {e}") from e
+
+
+def _read_json(path: Path) -> dict:
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def vision_parameter(name: str) -> bool:
+    return name.startswith("vision.")
+
+
+def freeze(model, part: str) -> int:
+    """Stop gradients to the vision encoder or the text stack; returns the frozen count."""
+    if part == "none":
+        return 0
+    n = 0
+    for name, p in model.named_parameters():
+        if vision_parameter(name) == (part == "vision"):
+            p.requires_grad_(False)
+            n += p.numel()
+    return n
+
+
+def parameter_groups(model, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on matrices (>= 2-d), none on norms, biases and the position tables
+    (nanoGPT's rule, plus the vision position table, a 2-d parameter that is not a weight)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if p.dim() >= 2 and not name.endswith("pos_embed") and not name.startswith("wpe."):
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def register_tied_head(model) -> None:
+    """ZeRO-3: the tied LM head reads `wte.weight` in the top-level forward, after the embedding
+    module's own forward has released it; registering it as an external parameter of the top-level
+    module keeps it gathered there."""
+    if getattr(model, "lm_head", "absent") is None:
+        import deepspeed
+
+        deepspeed.zero.register_external_parameter(model, model.wte.weight)
+
+
+def _partitioned(p) -> bool:
+    return hasattr(p, "ds_id")
+
+
+def gathered(params, modifier_rank: Optional[int] = None):
+    """GatheredParameters over the ZeRO-3-partitioned ones among `params` (a no-op otherwise)."""
+    params = [p for p in params if _partitioned(p)]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+
+
+def full_fp32_state_dict(engine) -> Optional[dict]:
+    """The consolidated fp32 state dict on rank 0 (None elsewhere). Collective."""
+    import deepspeed.comm as dist
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    rank = dist.get_rank()
+    module = engine.module
+    state = {}
+    for name, p in module.named_parameters():
+        full = safe_get_full_fp32_param(p) if p.requires_grad else None
+        if full is None:
+            with gathered([p]):
+                full = p.detach().clone()
+        if rank == 0:
+            state[name] = full.detach().float().cpu().clone()
+    for name, b in module.named_buffers():
+        if rank == 0:
+            state[name] = b.detach().cpu().clone()
+    return state if rank == 0 else None
+
+
+def export_pretrained(engine, model_config, directory: Path, tokenizer=None, backend=None) -> Optional[Path]:
+    """model.safetensors (fp32) + config.json (+ tokenizer files) for `generate`, written by
+    rank 0 through the model's own save_pretrained. Collective; returns the folder on rank 0."""
+    import deepspeed.comm as dist
+
+    from ..model.gpt import MultimodalGPT
+
+    state = full_fp32_state_dict(engine)
+    if dist.get_rank() == 0:
+        model = MultimodalGPT(model_config.replace(gradient_checkpointing=False), backend=backend)
+        own = model.state_dict()
+        missing = sorted(set(own) - set(state))
+        if missing:
+            raise RuntimeError(f"export: the engine has no values for {missing}")
+        model.load_state_dict({k: state[k] for k in own}, strict=True)
+        model.save_pretrained(directory, tokenizer=tokenizer)
+    dist.barrier()
+    return Path(directory) if dist.get_rank() == 0 else None

@@ -1,0 +1,193 @@
+"""The trainer's pieces in one process: the resumable sample stream, finding a checkpoint to
+resume from, and skipping / aborting on non-finite losses (with a real one-rank gloo group, so
+the loop's all-reduce runs as it does under the launcher)."""
+from __future__ import annotations
+
+import json
+import math
+import socket
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from mmgpt_engine.train.batches import MapBatches, StreamSampler
+from mmgpt_engine.train.checkpoint import CheckpointError, check_compatible, find_resume
+from mmgpt_engine.train.faults import NonFiniteGuard, NonFiniteLossError, StopSignal
+
+
+# ------------------------------------------------------------------------ the sample stream
+def _take(sampler, k):
+    it = iter(sampler)
+    return [next(it) for _ in range(k)]
+
+
+def test_stream_rounds_cover_each_epoch_once_across_ranks():
+    n, micro, world = 23, 3, 2
+    ranks = [_take(StreamSampler(n, micro, r, world, seed=7), 8) for r in range(world)]
+    stream = [i for k in range(8) for r in range(world) for i in ranks[r][k]]   # round by round, rank by rank
+    assert sorted(stream[:n]) == list(range(n))                                 # epoch 0: a permutation
+    assert sorted(stream[n:2 * n]) == list(range(n))                            # epoch 1: another one
+    assert stream[:n] != stream[n:2 * n]
+
+
+def test_stream_restarts_exactly_at_a_position_and_ignores_world_size():
+    n, micro = 50, 4
+    full = _take(StreamSampler(n, micro, 1, 2, seed=3), 10)
+    resumed = _take(StreamSampler(n, micro, 1, 2, seed=3, start=6 * micro * 2), 4)
+    assert resumed == full[6:10]
+    # the stream itself is the same for one rank taking 8 at a time
+    one = [i for b in _take(StreamSampler(n, 2 * micro, 0, 1, seed=3), 10) for i in b]
+    two = [i for k in range(10) for r in range(2) for i in _take(StreamSampler(n, micro, r, 2, seed=3), 10)[k]]
+    assert one == two
+    with pytest.raises(ValueError, match=r"start: expected a multiple of micro x world \(8\), got 5"):
+        StreamSampler(n, micro, 0, 2, seed=3, start=5)
+
+
+def test_map_batches_position_round_trips_and_refuses_another_dataset():
+    data = [{"i": i} for i in range(30)]
+    collate = lambda samples: [s["i"] for s in samples]  # noqa: E731
+    a = MapBatches(data, collate, micro=2, rank=0, world=2, seed=1)
+    seen = [a.next() for _ in range(5)]
+    state = a.state_dict()
+    assert state["position"] == 5 * 2 * 2
+    later = [a.next() for _ in range(3)]
+    b = MapBatches(data, collate, micro=2, rank=0, world=2, seed=1)
+    b.load_state_dict(state)
+    assert [b.next() for _ in range(3)] == later and seen
+    c = MapBatches(data[:20], collate, micro=2, rank=0, world=2, seed=1)
+    with pytest.raises(ValueError, match=r"the checkpoint's stream has 30 samples under seed 1, this run has 20"):
+        c.load_state_dict(state)
+
+
+# ------------------------------------------------------------------------ finding a checkpoint
+def _ckpt(root, step, complete=True, world=2, stage=2):
+    d = root / "checkpoints" / f"global_step{step}"
+    d.mkdir(parents=True)
+    if complete:
+        (d / "complete.json").write_text(json.dumps({"step": step, "world_size": world, "zero_stage": stage}))
+    return d
+
+
+def test_resume_auto_skips_a_checkpoint_whose_save_was_cut_short(tmp_path):
+    assert find_resume("auto", tmp_path) is None                      # nothing yet: a fresh start
+    _ckpt(tmp_path, 10)
+    _ckpt(tmp_path, 20)
+    _ckpt(tmp_path, 30, complete=False)                               # a rank died while writing it
+    (tmp_path / "checkpoints" / "latest").write_text("global_step30")  # as DeepSpeed's own marker would say
+    target = find_resume("auto", tmp_path)
+    assert target.tag == "global_step20" and target.meta["step"] == 20
+    (tmp_path / "checkpoints" / "latest").write_text("global_step10")
+    assert find_resume("auto", tmp_path).tag == "global_step10"       # the marker wins when it names a complete one
+    assert find_resume(str(tmp_path), tmp_path / "elsewhere").tag == "global_step10"
+    assert find_resume(str(tmp_path / "checkpoints" / "global_step20"), tmp_path).tag == "global_step20"
+    with pytest.raises(CheckpointError, match=r"not a complete checkpoint .* complete ones beside it: "
+                                              r"\['global_step10', 'global_step20'\]"):
+        find_resume(str(tmp_path / "checkpoints" / "global_step30"), tmp_path)
+
+
+def test_partitioned_checkpoint_on_another_world_size_says_what_to_run(tmp_path):
+    target = find_resume(str(_ckpt(tmp_path, 5, world=2, stage=2)), tmp_path)
+    check_compatible(target, world_size=2, zero_stage=2)
+    with pytest.raises(CheckpointError, match=r"written by 2 ranks under ZeRO stage 2; this run has 1\. .* resume it "
+                                              r"on 2 ranks \(e.g. deepspeed --num_gpus 2 ...\)"):
+        check_compatible(target, world_size=1, zero_stage=2)
+    stage0 = find_resume(str(_ckpt(tmp_path / "b", 5, world=2, stage=0)), tmp_path)
+    check_compatible(stage0, world_size=1, zero_stage=0)              # ZeRO-0 state is not partitioned
+
+
+# ------------------------------------------------------------------------ non-finite losses
+@pytest.fixture(scope="module")
+def one_rank_group():
+    import deepspeed
+    import torch.distributed as tdist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    if not tdist.is_initialized():
+        tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    yield
+    tdist.destroy_process_group()
+
+
+class _Engine:
+    """Stands in for the DeepSpeed engine: losses from a list; counts backward/step calls."""
+
+    def __init__(self, losses, accumulation=1):
+        self.losses, self.accumulation = iter(losses), accumulation
+        self.micro = self.backwards = 0
+        self.module = torch.nn.Linear(2, 2)
+
+    def __call__(self, **batch):
+        return SimpleNamespace(loss=torch.tensor(next(self.losses), requires_grad=False))
+
+    def is_gradient_accumulation_boundary(self):
+        return (self.micro + 1) % self.accumulation == 0
+
+    def backward(self, loss):
+        self.backwards += 1
+
+    def step(self):
+        self.micro += 1
+
+    def get_lr(self):
+        return [0.1]
+
+    def zero_optimization_stage(self):
+        return 0
+
+    def bfloat16_enabled(self):
+        return False
+
+    fp16_enabled = bfloat16_enabled
+
+
+class _Batches:
+    def next(self):
+        return {"input_ids": torch.ones(2, 5, dtype=torch.long), "labels": torch.ones(2, 5, dtype=torch.long),
+                "n_skipped": 0}
+
+
+def _trainer(engine, max_nonfinite=3):
+    from mmgpt_engine.model.config import ModelConfig
+    from mmgpt_engine.train.loop import Trainer
+
+    return Trainer(engine=engine, cfg=None, model_config=ModelConfig(), batches=_Batches(), evaluator=None,
+                   checkpoints=None, metrics=None, device=torch.device("cpu"), rank=0, world=1, stop=StopSignal(),
+                   guard=NonFiniteGuard(max_nonfinite), peak_tflops=None)
+
+
+def test_nonfinite_losses_are_skipped_and_counted(one_rank_group):
+    nan, inf = math.nan, math.inf
+    engine = _Engine([1.0, nan, 2.0, inf, nan, 3.0, 4.0, 5.0], accumulation=2)
+    trainer = _trainer(engine)
+    first = trainer.train_step()                  # 1.0, (nan skipped), 2.0
+    assert first["loss"] == pytest.approx(1.5) and engine.backwards == 2 and trainer.guard.total == 1
+    second = trainer.train_step()                 # (inf, nan skipped), 3.0, 4.0
+    assert second["loss"] == pytest.approx(3.5) and engine.backwards == 4
+    assert trainer.guard.total == 3 and trainer.guard.consecutive == 0
+    assert second["samples"] == 4 * 2             # skipped micro-batches still count as data read
+
+
+def test_consecutive_nonfinite_losses_abort_with_a_clear_message(one_rank_group):
+    engine = _Engine([1.0, math.nan, math.nan, math.nan, 2.0])
+    trainer = _trainer(engine, max_nonfinite=3)
+    trainer.train_step()
+    with pytest.raises(NonFiniteLossError, match=r"NaN/inf on 3 consecutive micro-batches \(at step 1; 3 skipped "
+                                                 r"in all\): the run has diverged"):
+        trainer.train_step()
+    assert engine.backwards == 1
+
+
+def test_stop_signal_is_recorded_not_raised():
+    import os
+    import signal
+
+    stop = StopSignal().install()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested and stop.received == "SIGTERM"
+    finally:
+        stop.restore()
