@@ -13,8 +13,11 @@ from .config import ConfigError, TrainConfig
 def check_data(cfg: TrainConfig) -> None:
     """The user's data exists and is readable: a JSONL manifest file, WebDataset shards."""
     d = cfg.data
-    if d.tokenizer not in (None, "byte") and not Path(d.tokenizer).exists():
-        raise ConfigError(f"data.tokenizer: expected 'byte', a tokenizer.json file or a folder, got {d.tokenizer!r} "
+    from ..data.tokenizer import BUILTIN
+
+    if d.tokenizer is not None and d.tokenizer not in BUILTIN and not Path(d.tokenizer).exists():
+        names = " or ".join(repr(n) for n in BUILTIN)
+        raise ConfigError(f"data.tokenizer: expected {names}, a tokenizer.json file or a folder, got {d.tokenizer!r} "
                           f"(no such file or folder)")
     if d.kind == "shapes":
         return
