@@ -53,6 +53,12 @@ gpu-check:
 	TORCH_CUDA_ARCH_LIST=$${GPU_ARCH:-9.0} python3 -m mmgpt_engine.ops.cuda --build 2>&1 | tee $(OUT)/build.log
 	python3 -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee $(OUT)/pytest-gpu.log; \
 	  echo "pytest -m gpu exit: $${PIPESTATUS[0]}" | tee -a $(OUT)/pytest-gpu.log
+	PYTORCH_NO_CUDA_MEMORY_CACHING=1 $(CUDA_HOME)/bin/compute-sanitizer --tool memcheck --error-exitcode 1 \
+	  python3 -m mmgpt_engine.ops.cuda_sanitize 2>&1 | tee $(OUT)/sanitize-memcheck.log; \
+	  echo "memcheck exit: $${PIPESTATUS[0]}" | tee -a $(OUT)/sanitize-memcheck.log
+	$(CUDA_HOME)/bin/compute-sanitizer --tool racecheck --error-exitcode 1 \
+	  python3 -m mmgpt_engine.ops.cuda_sanitize norms attention 2>&1 | tee $(OUT)/sanitize-racecheck.log; \
+	  echo "racecheck exit: $${PIPESTATUS[0]}" | tee -a $(OUT)/sanitize-racecheck.log
 	python3 -m benchmarks --quick --out $(OUT) 2>&1 | tee $(OUT)/bench.log
 
 bench:

@@ -8,7 +8,6 @@ Backends:
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.util
 import os
@@ -24,9 +23,12 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+# Looked up once at import (a plain constant, which torch.compile traces without a cache wrapper).
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_INSTALLED
 
 
 def unavailable_reason(backend: str, device: torch.device | str | None = None) -> Optional[str]:

@@ -87,10 +87,10 @@ def softmax(x: Tensor, *, scale: float = 1.0, mask: Optional[Tensor] = None, cau
         check_tensor("mask", mask, dtypes=FLOAT_DTYPES + (torch.bool,))
         check_same_device("mask", mask, "x", x)
         try:
-            torch.broadcast_shapes(mask.shape, x.shape)
-            if torch.broadcast_shapes(mask.shape, x.shape) != x.shape:
-                raise RuntimeError
+            broadcastable = torch.broadcast_shapes(mask.shape, x.shape) == x.shape
         except RuntimeError:
+            broadcastable = False
+        if not broadcastable:
             raise ValueError(f"mask: expected a shape broadcastable to x's {tuple(x.shape)}, "
                              f"got {tuple(mask.shape)}") from None
     chosen = resolve_backend(backend, x.device)
