@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .checkpoint import CheckpointError, CheckpointManager, check_compatible, complete_checkpoints, find_resume
+from .checkpoint import (CheckpointError, CheckpointManager, check_compatible, complete_checkpoints,
+                         convert_to_universal, find_resume)
 from .config import ConfigError, TrainConfig, default_config_path, default_deepspeed_config_path
 from .faults import NonFiniteGuard, NonFiniteLossError, StopSignal
 
@@ -136,8 +137,9 @@ def run(argv: Optional[Sequence[str]], stop: StopSignal) -> int:
     output_dir = Path(cfg.run.output_dir)
     preflight.check_output_dir(output_dir, rank)
     target = find_resume(args.resume, output_dir)
-    if target is not None:
-        check_compatible(target, world, zero_stage(ds))
+    universal = target is not None and check_compatible(target, world, zero_stage(ds))
+    if universal:
+        ds.setdefault("checkpoint", {})["load_universal"] = True
     elif complete_checkpoints(output_dir / "checkpoints") and not args.overwrite_output_dir:
         raise ConfigError(f"--output_dir {str(output_dir)!r} holds checkpoints of another run and --resume is "
                           f"{args.resume!r}: continue it with --resume auto, or pass --overwrite_output_dir, or "
@@ -171,6 +173,10 @@ def run(argv: Optional[Sequence[str]], stop: StopSignal) -> int:
             shutil.rmtree(output_dir / name, ignore_errors=True)
         (output_dir / "metrics.jsonl").unlink(missing_ok=True)
     dist.barrier()
+    resume_source = target
+    if universal:
+        # another world size or ZeRO stage: DeepSpeed's converter, once, on rank 0 (collective)
+        target = convert_to_universal(target, output_dir / "checkpoints")
 
     # ------------------------------------------------ data, model, engine
     from ..data import build_dataset, get_tokenizer, make_collate
@@ -225,6 +231,7 @@ def run(argv: Optional[Sequence[str]], stop: StopSignal) -> int:
                       f"{cfg.batch.micro_batch_size} x {cfg.batch.grad_accum} accum x {world} = "
                       f"{cfg.batch.global_batch_size}, {cfg.run.max_steps} steps"
                       + (f", resuming from {target.path} at step {start}" if target is not None else "")
+                      + (_converted_note(resume_source) if universal and resume_source is not target else "")
                       + (f", weights from {init_from}" if init_from and target is None else ""))
     trainer.evaluator = Evaluator(val_set, collate, tokenizer, model_config, cfg.batch.micro_batch_size, rank, world,
                                   cfg.data.val_samples, cfg.data.caption_eval_samples,
@@ -247,6 +254,11 @@ def run(argv: Optional[Sequence[str]], stop: StopSignal) -> int:
         _summary(cfg, state, output_dir, exported, curve, time.perf_counter() - t0)
     dist.barrier()
     return 0
+
+
+def _converted_note(source) -> str:
+    return (f" (DeepSpeed universal checkpoint converted from {source.path}, written by "
+            f"{source.meta.get('world_size')} rank(s) under ZeRO stage {source.meta.get('zero_stage')})")
 
 
 def _val_dataset(cfg, common, build_dataset):

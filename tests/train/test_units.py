@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from mmgpt_engine.train.batches import MapBatches, StreamSampler
-from mmgpt_engine.train.checkpoint import CheckpointError, check_compatible, find_resume
+from mmgpt_engine.train.checkpoint import CheckpointError, _run_converter, find_resume, resume_plan
 from mmgpt_engine.train.faults import NonFiniteGuard, NonFiniteLossError, StopSignal
 
 
@@ -86,14 +86,34 @@ def test_resume_auto_skips_a_checkpoint_whose_save_was_cut_short(tmp_path):
         find_resume(str(tmp_path / "checkpoints" / "global_step30"), tmp_path)
 
 
-def test_partitioned_checkpoint_on_another_world_size_says_what_to_run(tmp_path):
+def test_resume_plan_converts_partitioned_checkpoints_or_says_why_not(tmp_path):
     target = find_resume(str(_ckpt(tmp_path, 5, world=2, stage=2)), tmp_path)
-    check_compatible(target, world_size=2, zero_stage=2)
-    with pytest.raises(CheckpointError, match=r"written by 2 ranks under ZeRO stage 2; this run has 1\. .* resume it "
-                                              r"on 2 ranks \(e.g. deepspeed --num_gpus 2 ...\)"):
-        check_compatible(target, world_size=1, zero_stage=2)
+    assert resume_plan(target, world_size=2, zero_stage=2) == "plain"
+    assert resume_plan(target, world_size=1, zero_stage=2) == "universal"     # another world size
+    assert resume_plan(target, world_size=2, zero_stage=3) == "universal"     # another ZeRO stage
+    with pytest.raises(CheckpointError, match=r"written by 2 ranks under ZeRO stage 2; this run has 1 under stage 0\. "
+                                              r".* resume it under stage 2 \(--deepspeed_config configs/ds_zero2.json\)"):
+        resume_plan(target, world_size=1, zero_stage=0)
     stage0 = find_resume(str(_ckpt(tmp_path / "b", 5, world=2, stage=0)), tmp_path)
-    check_compatible(stage0, world_size=1, zero_stage=0)              # ZeRO-0 state is not partitioned
+    assert resume_plan(stage0, world_size=1, zero_stage=0) == "plain"        # ZeRO-0 state is not partitioned
+    with pytest.raises(CheckpointError, match=r"resume it under stage 0"):
+        resume_plan(stage0, world_size=2, zero_stage=1)
+
+
+def test_failed_universal_conversion_names_the_command(tmp_path):
+    """A checkpoint DeepSpeed's converter cannot read (here: its optimizer files are gone) gives
+    the exact command to run by hand and leaves no half-converted folder behind."""
+    src = _ckpt(tmp_path, 5, world=2, stage=2)
+    dest = tmp_path / "checkpoints" / "universal" / "global_step5"
+    message = _run_converter(src, dest)
+    assert (f"python -m deepspeed.checkpoint.ds_to_universal --input_folder {src} --output_folder {dest} "
+            f"--inject_missing_state and then resume with --resume {dest}") in message
+    assert "FileNotFoundError" in message and not dest.exists()
+    # a folder converted by hand is accepted by --resume PATH as a universal checkpoint
+    (dest / "zero").mkdir(parents=True)
+    (dest / "zero" / "optimizer_state.pt").write_bytes(b"")
+    target = find_resume(str(dest), tmp_path)
+    assert target.meta == {"universal": True, "step": 5} and resume_plan(target, 1, 2) == "universal"
 
 
 # ------------------------------------------------------------------------ non-finite losses
