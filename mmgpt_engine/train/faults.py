@@ -10,12 +10,20 @@ exits at once, without saving.
 A non-finite loss (bf16/fp32; fp16 overflow is DeepSpeed's loss scaler's business) is detected
 before backward on any rank, so every rank skips that micro-batch's backward together and draws
 the next one; `max_consecutive` in a row stop the run with NonFiniteLossError.
+
+Fault injection, for tests of what the rest of this package promises (never set in real runs):
+    MMGPT_FAULT=kill_during_save:STEP:RANK   rank RANK SIGKILLs itself half-way through writing its
+                                              first file of the step-STEP checkpoint (see
+                                              checkpoint.py: that checkpoint must never be resumed)
 """
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from typing import Optional
+
+FAULT_ENV = "MMGPT_FAULT"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -81,3 +89,43 @@ class NonFiniteGuard:
     def load_state_dict(self, state: dict) -> None:
         self.total = int(state.get("total", 0))
         self.consecutive = int(state.get("consecutive", 0))
+
+
+def planned_fault(name: str) -> Optional[list[str]]:
+    """The arguments of MMGPT_FAULT when it names fault `name`, else None."""
+    spec = os.environ.get(FAULT_ENV, "")
+    kind, _, rest = spec.partition(":")
+    if kind != name:
+        return None
+    return rest.split(":") if rest else []
+
+
+def arm_kill_during_save(engine, step: int, rank: int) -> None:
+    """MMGPT_FAULT=kill_during_save:STEP:RANK: on that rank and step, DeepSpeed's next file write
+    puts half of the file on disk and then the process receives SIGKILL (no handler runs, no
+    cleanup: what an out-of-memory killer or a lost node does)."""
+    args = planned_fault("kill_during_save")
+    if args is None:
+        return
+    if len(args) != 2 or not all(a.isdigit() for a in args):
+        raise ValueError(f"{FAULT_ENV}: expected kill_during_save:STEP:RANK, got {os.environ[FAULT_ENV]!r}")
+    if (int(args[0]), int(args[1])) != (step, rank):
+        return
+    import io
+
+    import torch
+
+    writer = engine.checkpoint_engine
+
+    def save_then_die(state_dict, path, *a, **k):
+        buf = io.BytesIO()
+        torch.save(state_dict, buf)
+        data = buf.getvalue()
+        with open(path, "wb") as f:
+            f.write(data[: len(data) // 2])
+            f.flush()
+            os.fsync(f.fileno())
+        print(f"mmgpt-train: {FAULT_ENV}: rank {rank} killed while writing {path}", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    writer.save = save_then_die

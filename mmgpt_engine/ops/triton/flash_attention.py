@@ -61,6 +61,19 @@ def _load_rows(ptrs, rows, n_rows, cols, HEAD_DIM: tl.constexpr, CHECK_ROWS: tl.
 
 
 @triton.jit
+def _load_tile_pair(a_base, stride_a, b_base, stride_b, rows, n_rows, cols, HEAD_DIM: tl.constexpr,
+                    CHECK_ROWS: tl.constexpr, PAD_D: tl.constexpr, UPCAST: tl.constexpr):
+    """Two (rows, head dim) tiles that share their rows (k and v, or q and do), upcast to float32 for
+    the interpreter's dots when UPCAST."""
+    a = _load_rows(a_base + rows[:, None] * stride_a + cols[None, :], rows, n_rows, cols, HEAD_DIM, CHECK_ROWS, PAD_D)
+    b = _load_rows(b_base + rows[:, None] * stride_b + cols[None, :], rows, n_rows, cols, HEAD_DIM, CHECK_ROWS, PAD_D)
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return a, b
+
+
+@triton.jit
 def _visible(q_pos, k_idx, len_k, prefix, CAUSAL: tl.constexpr):
     """Key k_idx visible from the query at absolute position q_pos (broadcast shapes)."""
     ok = k_idx < len_k
@@ -114,13 +127,8 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, o
                BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, len_k, offs_d,
-                       HEAD_DIM, MASKED, PAD_D)
-        v = _load_rows(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], offs_n, len_k, offs_d,
-                       HEAD_DIM, MASKED, PAD_D)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k, v = _load_tile_pair(k_base, stride_kn, v_base, stride_vn, offs_n, len_k, offs_d,
+                               HEAD_DIM, MASKED, PAD_D, UPCAST)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         if MASKED:
             s = tl.where(_visible(offs_m[:, None] + off, offs_n[None, :], len_k, prefix, CAUSAL), s,
@@ -220,16 +228,11 @@ def _bwd_dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride
     for m0 in range(lo, hi, BLOCK_M):
         offs_m = m0 + tl.arange(0, BLOCK_M)
         in_q = offs_m < len_q
-        q = _load_rows(q_base + offs_m[:, None] * stride_qs + offs_d[None, :], offs_m, len_q, offs_d,
-                       HEAD_DIM, True, PAD_D)
-        do = _load_rows(do_base + offs_m[:, None] * stride_dos + offs_d[None, :], offs_m, len_q, offs_d,
-                        HEAD_DIM, True, PAD_D)
+        q, do = _load_tile_pair(q_base, stride_qs, do_base, stride_dos, offs_m, len_q, offs_d,
+                                HEAD_DIM, True, PAD_D, UPCAST)
         lse = tl.load(lse_base + offs_m, mask=in_q, other=float("inf"))
         lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
         delta = tl.load(delta_base + offs_m, mask=in_q, other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
         p_t = tl.math.exp2(s_t - lse[None, :])
         if MASKED:
@@ -265,13 +268,8 @@ def attention_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     k_base = K + batch * stride_kb + row0 * stride_ks + hk * stride_kh
     v_base = V + batch * stride_vb + row0 * stride_vs + hk * stride_vh
-    k = _load_rows(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], offs_n, len_k, offs_d,
-                   HEAD_DIM, True, PAD_D)
-    v = _load_rows(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], offs_n, len_k, offs_d,
-                   HEAD_DIM, True, PAD_D)
-    if UPCAST:
-        k = k.to(tl.float32)
-        v = v.to(tl.float32)
+    k, v = _load_tile_pair(k_base, stride_ks, v_base, stride_vs, offs_n, len_k, offs_d,
+                           HEAD_DIM, True, PAD_D, UPCAST)
     # Query rows that see some key of the tile start at q_lo; from q_full on, every row sees all of it.
     if CAUSAL:
         q_lo = tl.where(n0 < prefix, 0, tl.maximum(n0 - off, 0))
@@ -312,13 +310,8 @@ def _bwd_dq_tiles(dq, q, do, lse, delta, k_base, v_base, stride_kn, stride_vn, o
                   BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr):
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
-        k = _load_rows(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], offs_n, len_k, offs_d,
-                       HEAD_DIM, MASKED, PAD_D)
-        v = _load_rows(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], offs_n, len_k, offs_d,
-                       HEAD_DIM, MASKED, PAD_D)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
+        k, v = _load_tile_pair(k_base, stride_kn, v_base, stride_vn, offs_n, len_k, offs_d,
+                               HEAD_DIM, MASKED, PAD_D, UPCAST)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         p = tl.math.exp2(s - lse[:, None])
         if MASKED:
@@ -355,13 +348,9 @@ def attention_bwd_dq_kernel(
     offs_m = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     in_q = offs_m < len_q
-    q = _load_rows(Q + batch * stride_qb + row0 * stride_qs + h * stride_qh
-                   + offs_m[:, None] * stride_qs + offs_d[None, :], offs_m, len_q, offs_d, HEAD_DIM, True, PAD_D)
-    do = _load_rows(DO + batch * stride_dob + row0 * stride_dos + h * stride_doh
-                    + offs_m[:, None] * stride_dos + offs_d[None, :], offs_m, len_q, offs_d, HEAD_DIM, True, PAD_D)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
+    q, do = _load_tile_pair(Q + batch * stride_qb + row0 * stride_qs + h * stride_qh, stride_qs,
+                            DO + batch * stride_dob + row0 * stride_dos + h * stride_doh, stride_dos,
+                            offs_m, len_q, offs_d, HEAD_DIM, True, PAD_D, UPCAST)
     row_base = (batch * H + h) * lse_len + row0
     lse = tl.load(LSE + row_base + offs_m, mask=in_q, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
