@@ -149,18 +149,7 @@ __global__ void __launch_bounds__(kThreads) flash_bwd_dkdv_kernel(const FlashPar
         s[t][e] = hidden ? 0.f : exp2f(s[t][e] * scale_log2 - tLse[col]);
       }
     // dV += P^T dO
-#pragma unroll
-    for (int kt = 0; kt < BM / 16; ++kt) {
-      uint32_t pa[4];
-      to_a_frag<T>(pa, s, kt);
-#pragma unroll
-      for (int dp = 0; dp < D / 16; ++dp) {
-        uint32_t bf[4];
-        load_b_kn<D>(bf, tdO, kt * 16, dp * 16);
-        Mma<T>::run(dv[2 * dp], pa, bf[0], bf[1]);
-        Mma<T>::run(dv[2 * dp + 1], pa, bf[2], bf[3]);
-      }
-    }
+    mma_acc_frag_kn<T, D>(dv, s, tdO);
     // dP^T = V dO^T, then dS^T = P^T * (dP^T - delta[query]) in place
     float ds[NT][4];
 #pragma unroll
@@ -184,18 +173,7 @@ __global__ void __launch_bounds__(kThreads) flash_bwd_dkdv_kernel(const FlashPar
 #pragma unroll
       for (int e = 0; e < 4; ++e) ds[t][e] = s[t][e] * (ds[t][e] - tDelta[t * 8 + qd * 2 + (e & 1)]);
     // dK += dS^T Q (the softmax scale is applied once at the end)
-#pragma unroll
-    for (int kt = 0; kt < BM / 16; ++kt) {
-      uint32_t da[4];
-      to_a_frag<T>(da, ds, kt);
-#pragma unroll
-      for (int dp = 0; dp < D / 16; ++dp) {
-        uint32_t bf[4];
-        load_b_kn<D>(bf, tQ, kt * 16, dp * 16);
-        Mma<T>::run(dk[2 * dp], da, bf[0], bf[1]);
-        Mma<T>::run(dk[2 * dp + 1], da, bf[2], bf[3]);
-      }
-    }
+    mma_acc_frag_kn<T, D>(dk, ds, tQ);
   }
 
   // dk/dv: (B, S_k, H_kv, D) with the dk_* strides
@@ -315,18 +293,7 @@ __global__ void __launch_bounds__(kThreads) flash_bwd_dq_kernel(const FlashParam
         ds[t][e] = pr * (ds[t][e] - row_delta[r]);
       }
     // dQ += dS K
-#pragma unroll
-    for (int kt = 0; kt < kBlockKeys / 16; ++kt) {
-      uint32_t da[4];
-      to_a_frag<T>(da, ds, kt);
-#pragma unroll
-      for (int dp = 0; dp < D / 16; ++dp) {
-        uint32_t bf[4];
-        load_b_kn<D>(bf, tK, kt * 16, dp * 16);
-        Mma<T>::run(dq[2 * dp], da, bf[0], bf[1]);
-        Mma<T>::run(dq[2 * dp + 1], da, bf[2], bf[3]);
-      }
-    }
+    mma_acc_frag_kn<T, D>(dq, ds, tK);
   }
 
   // dq: (B, S_q, H, D) with the o_* strides

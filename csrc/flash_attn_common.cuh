@@ -174,6 +174,25 @@ __device__ __forceinline__ void load_b_kn(uint32_t (&b)[4], const T* tile, int k
   ldmatrix_x4_trans(b, tile + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * Tile<D>::kPitch + n0 + (lane >> 4) * 8);
 }
 
+// acc (this warp's 16 x D) += C (16 x 8*NT, the float accumulators of an earlier product, rounded
+// to T as the A operand) times the NT*8 x D tile stored as is (P V, dS K, P^T dO, dS^T Q).
+template <typename T, int D, int NT, int DT>
+__device__ __forceinline__ void mma_acc_frag_kn(float (&acc)[DT][4], const float (&c)[NT][4], const T* tile) {
+  static_assert(DT * 8 == D, "acc holds D / 8 tiles");
+#pragma unroll
+  for (int kt = 0; kt < NT / 2; ++kt) {
+    uint32_t a[4];
+    to_a_frag<T>(a, c, kt);
+#pragma unroll
+    for (int dp = 0; dp < D / 16; ++dp) {
+      uint32_t bf[4];
+      load_b_kn<D>(bf, tile, kt * 16, dp * 16);
+      Mma<T>::run(acc[2 * dp], a, bf[0], bf[1]);
+      Mma<T>::run(acc[2 * dp + 1], a, bf[2], bf[3]);
+    }
+  }
+}
+
 // ----------------------------------------------------------------------- sequences and masks
 // Where sequence `b` lives: with cu_seqlens, rows [start, start + len) of batch 0; otherwise
 // batch b from row 0. Also which keys each query sees.

@@ -130,18 +130,7 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(const FlashParams p
       }
     }
 
-#pragma unroll
-    for (int kt = 0; kt < kBlockN / 16; ++kt) {
-      uint32_t pa[4];
-      to_a_frag<T>(pa, s, kt);
-#pragma unroll
-      for (int dp = 0; dp < D / 16; ++dp) {
-        uint32_t bf[4];
-        load_b_kn<D>(bf, tV, kt * 16, dp * 16);
-        Mma<T>::run(acc[2 * dp], pa, bf[0], bf[1]);
-        Mma<T>::run(acc[2 * dp + 1], pa, bf[2], bf[3]);
-      }
-    }
+    mma_acc_frag_kn<T, D>(acc, s, tV);
   }
 
   T* out = static_cast<T*>(p.out) + seq.batch * p.o_batch_stride + seq.start * p.o_row_stride + h * p.o_head_stride;
