@@ -140,7 +140,7 @@ def run(argv: Optional[Sequence[str]], stop: StopSignal) -> int:
     universal = target is not None and check_compatible(target, world, zero_stage(ds))
     if universal:
         ds.setdefault("checkpoint", {})["load_universal"] = True
-    elif complete_checkpoints(output_dir / "checkpoints") and not args.overwrite_output_dir:
+    if target is None and complete_checkpoints(output_dir / "checkpoints") and not args.overwrite_output_dir:
         raise ConfigError(f"--output_dir {str(output_dir)!r} holds checkpoints of another run and --resume is "
                           f"{args.resume!r}: continue it with --resume auto, or pass --overwrite_output_dir, or "
                           f"choose another --output_dir")
