@@ -5,9 +5,10 @@ A sample (what every dataset here yields) is a dict:
     input_ids  int64 (T,)   [bos] prompt caption [eos]
     labels     int64 (T,)   input_ids with -100 on bos and the prompt (aligned, the model shifts)
     text       the caption;  skipped: samples dropped (undecodable/missing) before this one, optional
+    truncated  1 when the caption was cut to max_text_len tokens (optional)
 
 Two batch layouts (`make_collate(mode=...)`), both with `n_skipped`, the samples dropped on the
-way to this batch (a counter for the trainer to log and sum):
+way to this batch, and `n_truncated`, its captions cut to fit (counters for the trainer to sum):
     pad   input_ids/labels (B, T_max) right-padded with pad_id / -100, images (B, C, S, S)
     pack  the batch's samples back to back in one row, flash-attn varlen style: input_ids/labels
           (1, sum T), cu_seqlens int32 (B + 1,) text offsets, images (B, C, S, S); no padding,
@@ -25,15 +26,27 @@ MODES = ("pad", "pack")
 def encode_caption(tokenizer, text: str, prompt: Optional[str] = None,
                    max_len: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(input_ids, labels) for one sample; truncated to max_len tokens (the eos goes first)."""
+    ids, labels, _ = encode_caption_counted(tokenizer, text, prompt, max_len)
+    return ids, labels
+
+
+def encode_caption_counted(tokenizer, text: str, prompt: Optional[str] = None,
+                           max_len: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """encode_caption, plus how many tokens the truncation cut (0: the caption fits). Datasets put
+    `truncated` (0/1) on the sample, collate sums it into the batch's `n_truncated`, the trainer
+    counts and reports it. A caption cut down to nothing scored (a long prompt) gives all-ignored
+    labels: a zero loss contribution, not NaN."""
     prompt_ids = tokenizer.encode(prompt) if prompt else []
     text_ids = tokenizer.encode(text) + [tokenizer.eos_id]
     ids = [tokenizer.bos_id] + prompt_ids + text_ids
     labels = [-100] * (1 + len(prompt_ids)) + text_ids
+    cut = 0
     if max_len is not None:
         if max_len < 2:
             raise ValueError(f"max_len: expected >= 2 (bos and one token), got {max_len}")
+        cut = max(0, len(ids) - max_len)
         ids, labels = ids[:max_len], labels[:max_len]
-    return torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
+    return torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long), cut
 
 
 class Collator:
@@ -60,6 +73,7 @@ class Collator:
             batch["images"] = torch.stack([s["image"] for s in kept])
         batch["text"] = [s.get("text", "") for s in kept]
         batch["n_skipped"] = n_skipped
+        batch["n_truncated"] = sum(int(s.get("truncated", 0)) for s in kept)
         return batch
 
     def _pad(self, samples: list[dict]) -> dict:

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from .collate import encode_caption
+from .collate import encode_caption_counted
 from .image import preprocess_image
 
 
@@ -61,8 +61,8 @@ class JsonlCaptionDataset(torch.utils.data.Dataset):
             image = preprocess_image(image_path, self.image_size, self.in_channels)
         except Exception:  # any unusable record: the caller moves on and counts it
             return None
-        input_ids, labels = encode_caption(self.tokenizer, text, prompt, self.max_text_len)
-        return {"image": image, "input_ids": input_ids, "labels": labels, "text": text}
+        input_ids, labels, cut = encode_caption_counted(self.tokenizer, text, prompt, self.max_text_len)
+        return {"image": image, "input_ids": input_ids, "labels": labels, "text": text, "truncated": int(cut > 0)}
 
     def __getitem__(self, index: int) -> dict:
         n = len(self.lines)

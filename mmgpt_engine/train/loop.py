@@ -23,6 +23,7 @@ class LoopState:
     step: int = 0
     tokens_seen: float = 0.0
     data_skipped: float = 0.0
+    truncated: float = 0.0
     last_eval: dict = field(default_factory=dict)
     stopped_by: Optional[str] = None
 
@@ -56,12 +57,14 @@ class Trainer:
         data = [None] * self.world
         dist.all_gather_object(data, self.batches.state_dict())
         return {"data": data, "nonfinite": self.guard.state_dict(), "tokens_seen": self.state.tokens_seen,
-                "data_skipped": self.state.data_skipped, "train_config": self.cfg.to_dict()}
+                "data_skipped": self.state.data_skipped, "truncated": self.state.truncated,
+                "train_config": self.cfg.to_dict()}
 
     def load_client_state(self, client: dict) -> None:
         self.state.step = int(client.get("step", 0))
         self.state.tokens_seen = float(client.get("tokens_seen", 0.0))
         self.state.data_skipped = float(client.get("data_skipped", 0.0))
+        self.state.truncated = float(client.get("truncated", 0.0))
         self.guard.load_state_dict(client.get("nonfinite", {}))
         data = client.get("data")
         if isinstance(data, list) and data:
@@ -74,11 +77,15 @@ class Trainer:
         return float(sum(self.model_config.flops_per_token(t, with_image) * t for t in batch_text_lengths(batch)))
 
     def train_step(self) -> dict:
-        """Micro-batches until an optimizer step happened; returns the step's summed numbers."""
+        """Micro-batches until an optimizer step happened; returns the step's summed numbers.
+
+        The reported loss is weighted by scored tokens over micro-batches and ranks, so a batch
+        whose labels are all ignored (image-only, every caption truncated away; the model's loss
+        is then 0 with zero gradient) adds nothing to it instead of pulling the mean down."""
         import deepspeed.comm as dist
 
         engine = self.engine
-        sums = torch.zeros(7, dtype=torch.float64)
+        sums = torch.zeros(9, dtype=torch.float64)
         lr = engine.get_lr()[0] if engine.get_lr() else None
         while True:
             batch = self.batches.next()
@@ -86,21 +93,25 @@ class Trainer:
             loss = out.loss
             finite = bool(torch.isfinite(loss.detach()).all())
             lengths = batch_text_lengths(batch)
-            local = torch.tensor([float(loss.detach()) if finite else 0.0, 0.0 if finite else 1.0,
+            scored = float((batch["labels"][:, 1:] != -100).sum())
+            local = torch.tensor([float(loss.detach()) * scored if finite else 0.0, 0.0 if finite else 1.0,
                                   1.0 if self.stop.requested else 0.0, float(sum(lengths)), float(len(lengths)),
-                                  self._flops(batch), float(batch.get("n_skipped", 0))],
+                                  self._flops(batch), float(batch.get("n_skipped", 0)), scored if finite else 0.0,
+                                  float(batch.get("n_truncated", 0))],
                                  dtype=torch.float64, device=self.device)
             dist.all_reduce(local)
             local = local.cpu()
-            sums[2:] += local[2:]
+            sums[2:7] += local[2:7]
+            sums[8] += local[8]
             if local[1] > 0:
                 # some rank saw NaN/inf: every rank drops this micro-batch (no backward, no step)
                 del out, loss
                 self.guard.record(False, self.state.step + 1)
                 continue
             self.guard.record(True, self.state.step + 1)
-            sums[0] += local[0] / self.world
+            sums[0] += local[0]
             sums[1] += 1
+            sums[7] += local[7]
             boundary = engine.is_gradient_accumulation_boundary()
             engine.backward(loss)
             if boundary and self._plain_optimizer:
@@ -110,8 +121,9 @@ class Trainer:
             engine.step()
             if boundary:
                 break
-        return {"loss": float(sums[0] / sums[1]), "lr": lr, "stop": bool(sums[2] > 0), "tokens": float(sums[3]),
-                "samples": float(sums[4]), "flops": float(sums[5]), "data_skipped": float(sums[6])}
+        return {"loss": float(sums[0] / sums[7]) if sums[7] > 0 else 0.0, "lr": lr, "stop": bool(sums[2] > 0),
+                "tokens": float(sums[3]), "samples": float(sums[4]), "flops": float(sums[5]),
+                "data_skipped": float(sums[6]), "scored_tokens": float(sums[7]), "truncated": float(sums[8])}
 
     # ------------------------------------------------------------------ the run
     def run(self) -> LoopState:
@@ -126,6 +138,11 @@ class Trainer:
             st.step += 1
             st.tokens_seen += result["tokens"]
             st.data_skipped += result["data_skipped"]
+            if result["truncated"] and not st.truncated:
+                self.metrics.write(f"warning: step {st.step}: {result['truncated']:.0f} caption(s) longer than "
+                                   f"max_text_len ({self.model_config.max_text_len} tokens) were truncated; the "
+                                   f"count is logged as `truncated` in metrics.jsonl")
+            st.truncated += result["truncated"]
             grad_norm = self._grad_norm if self._plain_optimizer else engine.get_global_grad_norm()
             record = {
                 "step": st.step, "loss": result["loss"], "lr": result["lr"],
@@ -135,7 +152,7 @@ class Trainer:
                         if self.peak_tflops else None),
                 "peak_tflops": self.peak_tflops, "mem_gb": _mem_gb(self.device),
                 "skipped": self.guard.total, "overflow_skipped": getattr(engine, "skipped_steps", 0) - overflow_before,
-                "data_skipped": st.data_skipped, "time_s": elapsed,
+                "data_skipped": st.data_skipped, "truncated": st.truncated, "time_s": elapsed,
             }
             last = st.step >= r.max_steps
             if self.evaluator is not None and self.evaluator.enabled and (

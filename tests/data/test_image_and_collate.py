@@ -109,3 +109,18 @@ def test_collation_errors():
         make_collate(tok)([None, None])
     with pytest.raises(ValueError, match=r"mode: expected one of \['pad', 'pack'\]"):
         make_collate(tok, mode="bucket")
+
+
+def test_truncation_is_counted_per_sample_and_per_batch():
+    from mmgpt_engine.data.collate import encode_caption_counted
+
+    tok = get_tokenizer()
+    ids, labels, cut = encode_caption_counted(tok, "cat", max_len=3)
+    assert cut == 2 and ids.tolist() == [256, ord("c"), ord("a")]                 # "t" and eos cut
+    assert encode_caption_counted(tok, "cat", max_len=5)[2] == 0                   # fits exactly
+    ids, labels, cut = encode_caption_counted(tok, "cat", prompt="a long question", max_len=6)
+    assert cut > 0 and (labels == -100).all()                                       # nothing left to score
+    samples = _samples(3, tok)
+    samples[0]["truncated"], samples[2]["truncated"] = 1, 1
+    assert make_collate(tok)(samples)["n_truncated"] == 2
+    assert make_collate(tok, mode="pack")(_samples(2, tok))["n_truncated"] == 0

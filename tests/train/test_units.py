@@ -165,9 +165,17 @@ class _Engine:
 
 
 class _Batches:
+    """Batches of 2 x 5 tokens; `ignored[i]` True makes the i-th batch's labels all -100."""
+
+    def __init__(self, ignored=()):
+        self.ignored, self.drawn = list(ignored), 0
+
     def next(self):
-        return {"input_ids": torch.ones(2, 5, dtype=torch.long), "labels": torch.ones(2, 5, dtype=torch.long),
-                "n_skipped": 0}
+        ignore = self.drawn < len(self.ignored) and self.ignored[self.drawn]
+        self.drawn += 1
+        labels = torch.full((2, 5), -100, dtype=torch.long) if ignore else torch.ones(2, 5, dtype=torch.long)
+        return {"input_ids": torch.ones(2, 5, dtype=torch.long), "labels": labels, "n_skipped": 0,
+                "n_truncated": 2 if ignore else 0}
 
 
 def _trainer(engine, max_nonfinite=3):
@@ -211,3 +219,31 @@ def test_stop_signal_is_recorded_not_raised():
         assert stop.requested and stop.received == "SIGTERM"
     finally:
         stop.restore()
+
+
+def test_all_ignored_labels_add_nothing_to_the_loss(one_rank_group):
+    """A micro-batch whose labels are all ignored (image-only, or every caption truncated away)
+    trains (backward and step run; the model gives loss 0 with zero gradient) and the step's loss is
+    weighted by scored tokens, so it is the other micro-batch's, not their plain mean."""
+    engine = _Engine([2.0, 0.0, 0.0, 0.0], accumulation=2)
+    trainer = _trainer(engine)
+    trainer.batches = _Batches(ignored=[False, True, True, True])
+    first = trainer.train_step()
+    assert first["loss"] == pytest.approx(2.0) and engine.backwards == 2 and trainer.guard.total == 0
+    assert first["truncated"] == 2
+    second = trainer.train_step()                 # nothing scored at all in the step: 0, never NaN
+    assert second["loss"] == 0.0 and second["scored_tokens"] == 0 and trainer.guard.total == 0
+
+
+def test_model_loss_with_every_label_ignored_is_zero_with_zero_gradient():
+    from mmgpt_engine.model import ModelConfig, MultimodalGPT
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("tiny", n_layer=1, n_embd=32, n_head=2, vision_layers=1, vision_width=32,
+                                  vision_heads=2)
+    model = MultimodalGPT(cfg, backend="torch")
+    ids = torch.randint(0, 250, (2, 7))
+    out = model(ids, images=torch.randn(2, 3, cfg.image_size, cfg.image_size), labels=torch.full((2, 7), -100))
+    out.loss.backward()
+    assert out.loss.item() == 0.0
+    assert all(p.grad is None or not p.grad.any() for p in model.parameters())

@@ -1,6 +1,10 @@
 """A user's dataset instead of the built-in shapes: WebDataset shards (iterable, split over ranks
-by the dataset), with the held-out split found through `{split}` in the path."""
+by the dataset), with the held-out split found through `{split}` in the path; and a JSONL
+manifest of degenerate samples that must all train."""
 from __future__ import annotations
+
+import json
+import math
 
 import pytest
 
@@ -26,3 +30,29 @@ def test_webdataset_shards_train_and_evaluate(tmp_path):
     assert records[5]["val_loss"] > 0 and "caption_acc" not in records[5]  # exact-match is for the built-in data
     assert records[-1]["loss"] < records[0]["loss"]
     assert "final val loss" in proc.stdout and (out / "model" / "model.safetensors").is_file()
+
+
+def test_degenerate_samples_train(tmp_path):
+    """Empty, 1-token and over-long captions (truncated, counted, warned about), a caption whose
+    prompt leaves nothing to score, grayscale / RGBA / 1x1 images: every step's loss is finite."""
+    from PIL import Image
+
+    images = {"gray.png": Image.new("L", (9, 5), 100), "rgba.png": Image.new("RGBA", (6, 6), (10, 200, 30, 128)),
+              "dot.png": Image.new("RGB", (1, 1), (255, 0, 0)), "rgb.png": Image.new("RGB", (40, 20), (0, 0, 255))}
+    for name, img in images.items():
+        img.save(tmp_path / name)
+    records = [{"image": "rgb.png", "text": ""}, {"image": "gray.png", "text": "a"},
+               {"image": "rgba.png", "text": "a red square " * 30}, {"image": "dot.png", "text": "a dot"},
+               {"image": "rgb.png", "text": "blue", "prompt": "describe " * 40},
+               {"image": "gray.png", "text": "a gray picture"}]
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    out = tmp_path / "run"
+    proc = single(["--set", "data.kind=jsonl", "--set", f"data.path={tmp_path}/train.jsonl", "--output_dir", out,
+                   "--max_steps", 3, "--save_steps", 0, "--eval_steps", 0, *SMALL_MODEL, *QUICK_RUN,
+                   "--micro_batch_size", 6])
+    records = metrics(out)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in records)
+    assert records[-1]["skipped"] == 0 and records[-1]["data_skipped"] == 0
+    assert records[-1]["truncated"] == 3 * 2          # the long caption and the long prompt, in every batch
+    assert "warning: step 1: 2 caption(s) longer than max_text_len (64 tokens) were truncated" in proc.stderr
