@@ -9,12 +9,15 @@ DataLoader workers.
 A sample whose image does not decode, or that lacks an image or a caption, and a shard that cannot
 be read, are skipped and counted, never raised: `dataset.skipped` counts in this process, and each
 yielded sample's `skipped` field carries the drops since the previous one, so the collated batch's
-`n_skipped` reaches the trainer from worker processes too.
+`n_skipped` reaches the trainer from worker processes too. Each skip is also logged (logger
+"mmgpt_engine.data", WARNING) with the rank, the shard and the sample key, the first
+LOGGED_SKIPS of each pass; after those only the count goes on.
 """
 from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import random
 from pathlib import Path
@@ -22,8 +25,11 @@ from typing import Optional, Sequence
 
 import torch
 
-from .collate import encode_caption
+from .collate import encode_caption_counted
 from .image import preprocess_image
+
+logger = logging.getLogger("mmgpt_engine.data")
+LOGGED_SKIPS = 50
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "image")
 TEXT_KEYS = ("txt", "text", "caption")
@@ -72,6 +78,7 @@ class WebDatasetCaptions(torch.utils.data.IterableDataset):
         self.shuffle, self.shuffle_buffer = shuffle, shuffle_buffer
         self.epoch = 0
         self.skipped = 0
+        self._logged = 0
 
     def set_epoch(self, epoch: int) -> None:
         """Shard and sample order depend on (seed, epoch): call before each pass."""
@@ -85,32 +92,52 @@ class WebDatasetCaptions(torch.utils.data.IterableDataset):
             return urls[self.rank::self.world_size], False
         return urls, True
 
+    def log_skip(self, shard, key, reason: str) -> None:
+        """One logged line per skip (rank, shard, key, why), up to LOGGED_SKIPS per pass."""
+        self._logged += 1
+        if self._logged <= LOGGED_SKIPS:
+            logger.warning("data: rank %d: skipped %s in shard %s: %s", self.rank,
+                           f"sample {key!r}" if key else "data", shard or "?", reason)
+            if self._logged == LOGGED_SKIPS:
+                logger.warning("data: rank %d: %d skips logged; further ones are only counted", self.rank,
+                               LOGGED_SKIPS)
+
     def decode(self, raw: dict) -> Optional[dict]:
-        """A sample dict from one tar group, or None when it is unusable."""
+        """A sample dict from one tar group, or None when it is unusable (logged)."""
         image_bytes = _first(raw, IMAGE_KEYS)
         text, prompt = _first(raw, TEXT_KEYS), None
+        shard, key = raw.get("__url__"), raw.get("__key__", "")
         try:
             if text is None and raw.get("json") is not None:
                 meta = json.loads(raw["json"])
                 text, prompt = meta.get("caption", meta.get("text")), meta.get("prompt")
             if image_bytes is None or text is None:
+                self.log_skip(shard, key, "no image" if image_bytes is None else "no caption")
                 return None
             text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
             image = preprocess_image(bytes(image_bytes), self.image_size, self.in_channels)
-        except Exception:  # any decoding failure of one sample: skip it, count it
+        except Exception as e:  # any decoding failure of one sample: skip it, count it
+            self.log_skip(shard, key, f"{type(e).__name__}: {e}")
             return None
-        input_ids, labels = encode_caption(self.tokenizer, text.strip(), prompt, self.max_text_len)
+        input_ids, labels, cut = encode_caption_counted(self.tokenizer, text.strip(), prompt, self.max_text_len)
         return {"image": image, "input_ids": input_ids, "labels": labels, "text": text.strip(),
-                "key": raw.get("__key__", "")}
+                "key": raw.get("__key__", ""), "truncated": int(cut > 0)}
 
     def __iter__(self):
         import webdataset as wds
 
         urls, split_samples = self._rank_shards()
         pending = [0]
+        self._logged = 0
 
-        def on_error(exn) -> bool:  # an unreadable shard or tar member: count it, go on
+        def on_error(exn) -> bool:  # an unreadable shard or tar member: count it, log it, go on
             pending[0] += 1
+            args = getattr(exn, "args", ()) or ()
+            # webdataset appends the shard's url to the exception's args (or names its file object)
+            where = " ".join(str(a) for a in (getattr(exn, "filename", None), *args) if a is not None)
+            shard = next((u for u in urls if u in where), None)
+            reason = getattr(exn, "strerror", None) or (args[0] if args else exn)
+            self.log_skip(shard, None, f"{type(exn).__name__}: {reason}")
             return True
 
         pipeline = wds.WebDataset(urls, handler=on_error, shardshuffle=False, nodesplitter=_all_shards,

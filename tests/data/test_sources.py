@@ -94,14 +94,23 @@ def test_ranks_get_disjoint_shares(tmp_path, n_shards, world):
     assert all(seen)  # nobody is starved, even with fewer shards than ranks
 
 
-def test_missing_and_truncated_shards_are_counted_not_raised(shards):
+def test_missing_and_truncated_shards_are_counted_not_raised(shards, caplog):
     data = (shards / "shard-000.tar").read_bytes()
     (shards / "cut.tar").write_bytes(data[: len(data) // 2 + 100])
-    ds = WebDatasetCaptions([str(shards / "shard-000.tar"), str(shards / "gone.tar"), str(shards / "cut.tar")],
-                            image_size=8, shuffle=False)
-    samples = list(ds)
+    urls = [str(shards / "shard-000.tar"), str(shards / "gone.tar"), str(shards / "cut.tar"),
+            str(shards / "shard-001.tar")]
+    ds = WebDatasetCaptions(urls, image_size=8, shuffle=False, rank=1, world_size=2)
+    ds._rank_shards = lambda: (urls, False)  # this rank reads all four
+    with caplog.at_level("WARNING", logger="mmgpt_engine.data"):
+        samples = list(ds)
     assert len([s for s in samples if s["text"] in {f"caption {i}" for i in range(6)}]) >= 6
-    assert ds.skipped >= 2  # the missing shard and the truncated one each at least once
+    assert ds.skipped >= 2 + 3  # the missing shard and the truncated one each at least once, 3 bad samples
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == ds.skipped  # every skip logged, naming rank and shard (and the key when there is one)
+    assert any(line.startswith(f"data: rank 1: skipped data in shard {urls[1]}: FileNotFoundError") for line in lines)
+    assert any(f"in shard {urls[2]}:" in line for line in lines)
+    assert any(line.startswith(f"data: rank 1: skipped sample 'bad' in shard {urls[3]}: ") for line in lines)
+    assert any(f"skipped sample 'nocap' in shard {urls[3]}: no caption" in line for line in lines)
 
 
 def test_shard_spec_errors(tmp_path):
