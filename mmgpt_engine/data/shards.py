@@ -130,6 +130,16 @@ class WebDatasetCaptions(torch.utils.data.IterableDataset):
         pending = [0]
         self._logged = 0
 
+        # a tar cut off at a member boundary reads as a shorter shard without any error: check the
+        # end-of-archive marker of this worker's local shards (the split mirrors wds.split_by_worker)
+        info = torch.utils.data.get_worker_info()
+        mine = urls[info.id::info.num_workers] if info is not None and info.num_workers > 1 else urls
+        for url in mine:
+            why = tar_truncated(url)
+            if why is not None:
+                pending[0] += 1
+                self.log_skip(url, None, f"truncated tar ({why}): the samples after the cut are lost")
+
         def on_error(exn) -> bool:  # an unreadable shard or tar member: count it, log it, go on
             pending[0] += 1
             args = getattr(exn, "args", ()) or ()
@@ -170,6 +180,26 @@ class WebDatasetCaptions(torch.utils.data.IterableDataset):
         sample["skipped"], pending[0] = pending[0], 0
         self.skipped += sample["skipped"]
         return sample
+
+
+def tar_truncated(url: str) -> Optional[str]:
+    """Why a local uncompressed .tar looks cut short (None when it looks whole, or cannot be
+    checked: remote, compressed, missing - the reader reports those). A tar ends with two zero
+    512-byte blocks and is a whole number of blocks long."""
+    if "://" in url or url.startswith("pipe:") or not url.endswith(".tar"):
+        return None
+    try:
+        size = os.path.getsize(url)
+        with open(url, "rb") as f:
+            f.seek(max(0, size - 1024))
+            tail = f.read(1024)
+    except OSError:
+        return None
+    if size % 512:
+        return f"{size} bytes is not a whole number of 512-byte blocks"
+    if size < 1024 or tail.strip(b"\0"):
+        return "no end-of-archive marker"
+    return None
 
 
 def _all_shards(urls):

@@ -10,10 +10,18 @@ does not depend on the world size and resuming restarts the stream exactly where
 Iterable data (WebDataset shards) splits itself over ranks; its position is the number of
 batches this rank used, replayed on resume by reading and dropping that many (exact for the
 same world size and seed; see `IterableBatches`).
+
+A data loader that yields nothing for `stall_warning_s` seconds (a hung network mount, a dead
+worker, a shard list that is all skips) is reported by `StallWatchdog`, naming the rank and the
+time waited, again at every further multiple, instead of the run hanging silently.
 """
 from __future__ import annotations
 
-from typing import Iterator, Optional
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional
 
 import torch
 from torch.utils.data import DataLoader, Sampler
@@ -56,14 +64,60 @@ class StreamSampler(Sampler):
         raise TypeError("StreamSampler is endless")
 
 
+class StallWatchdog:
+    """Reports a batch fetch that has waited `seconds` (and 2x, 3x, ...) from a daemon thread;
+    `seconds` <= 0 turns it off."""
+
+    def __init__(self, seconds: float, rank: int, report: Optional[Callable[[str], None]] = None):
+        self.seconds, self.rank = float(seconds), rank
+        self.report = report or (lambda message: print(message, file=sys.stderr, flush=True))
+        self._since: Optional[float] = None
+        self._warned = 0
+        self._thread: Optional[threading.Thread] = None
+
+    @contextmanager
+    def waiting(self):
+        if self.seconds <= 0:
+            yield
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._watch, name="mmgpt-data-watchdog", daemon=True)
+            self._thread.start()
+        self._warned, self._since = 0, time.monotonic()
+        since = self._since
+        try:
+            yield
+        finally:
+            self._since = None
+            if self._warned:
+                self.report(f"data: rank {self.rank}: the data loader delivered again after "
+                            f"{time.monotonic() - since:.1f} s")
+
+    def _watch(self) -> None:
+        tick = min(1.0, self.seconds / 4)
+        while True:
+            time.sleep(tick)
+            since = self._since
+            if since is None:
+                continue
+            waited = time.monotonic() - since
+            if waited >= self.seconds * (self._warned + 1) and self._since == since:
+                self._warned += 1
+                self.report(f"data: rank {self.rank}: the data loader has yielded nothing for {waited:.1f} s (still "
+                            f"waiting; data.stall_warning_s = {self.seconds:g}): check that the data's storage "
+                            f"responds, and data.num_workers")
+
+
 class MapBatches:
     """Micro-batches of a map-style dataset for this rank, resumable at a stream position."""
 
-    def __init__(self, dataset, collate, micro: int, rank: int, world: int, seed: int, num_workers: int = 0):
+    def __init__(self, dataset, collate, micro: int, rank: int, world: int, seed: int, num_workers: int = 0,
+                 watchdog: Optional[StallWatchdog] = None):
         self.dataset, self.collate = dataset, collate
         self.micro, self.rank, self.world, self.seed, self.num_workers = micro, rank, world, seed, num_workers
         self.position = 0  # stream samples consumed by all ranks together
         self._iter = None
+        self.watchdog = watchdog or StallWatchdog(0, rank)
 
     def state_dict(self) -> dict:
         return {"kind": "map", "position": self.position, "seed": self.seed, "n": len(self.dataset)}
@@ -89,9 +143,10 @@ class MapBatches:
                                prefetch_factor=2 if self.num_workers else None))
 
     def next(self) -> dict:
-        if self._iter is None:
-            self._iter = self._loader()
-        batch = next(self._iter)
+        with self.watchdog.waiting():
+            if self._iter is None:
+                self._iter = self._loader()
+            batch = next(self._iter)
         self.position += self.micro * self.world
         return batch
 
@@ -100,10 +155,12 @@ class IterableBatches:
     """Micro-batches of an iterable dataset (already split over ranks by the dataset), epoch
     after epoch (`set_epoch`), resumable by replaying the batches this rank already used."""
 
-    def __init__(self, dataset, collate, micro: int, seed: int, num_workers: int = 0):
+    def __init__(self, dataset, collate, micro: int, seed: int, num_workers: int = 0,
+                 watchdog: Optional[StallWatchdog] = None):
         self.dataset, self.collate, self.micro, self.seed, self.num_workers = dataset, collate, micro, seed, num_workers
         self.epoch, self.in_epoch = 0, 0
         self._iter = None
+        self.watchdog = watchdog or StallWatchdog(0, 0)
 
     def state_dict(self) -> dict:
         return {"kind": "iterable", "epoch": self.epoch, "batches": self.in_epoch}
@@ -135,9 +192,10 @@ class IterableBatches:
                            f"every sample was skipped or the shards hold fewer than micro_batch_size samples")
 
     def next(self) -> dict:
-        if self._iter is None:
-            self._open()
-        batch = self._draw()
+        with self.watchdog.waiting():
+            if self._iter is None:
+                self._open()
+            batch = self._draw()
         self.in_epoch += 1
         return batch
 
@@ -154,10 +212,12 @@ def eval_batches(dataset, collate, micro: int, rank: int, world: int, limit: int
         yield collate([dataset[i] for i in range(lo, hi)])
 
 
-def build_batches(dataset, collate, micro: int, rank: int, world: int, seed: int, num_workers: int = 0):
+def build_batches(dataset, collate, micro: int, rank: int, world: int, seed: int, num_workers: int = 0,
+                  stall_warning_s: float = 0.0):
+    watchdog = StallWatchdog(stall_warning_s, rank)
     if isinstance(dataset, torch.utils.data.IterableDataset):
-        return IterableBatches(dataset, collate, micro, seed, num_workers)
-    return MapBatches(dataset, collate, micro, rank, world, seed, num_workers)
+        return IterableBatches(dataset, collate, micro, seed, num_workers, watchdog=watchdog)
+    return MapBatches(dataset, collate, micro, rank, world, seed, num_workers, watchdog=watchdog)
 
 
 def batch_text_lengths(batch: dict) -> list[int]:

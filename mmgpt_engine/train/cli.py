@@ -210,7 +210,8 @@ def run(argv: Optional[Sequence[str]], stop: StopSignal) -> int:
     scheduler = None if "scheduler" in ds else (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model, cfg.optim.weight_decay),
                                            config=ds, lr_scheduler=scheduler, dist_init_required=False)
-    batches = build_batches(train_set, collate, cfg.batch.micro_batch_size, rank, world, seed, cfg.data.num_workers)
+    batches = build_batches(train_set, collate, cfg.batch.micro_batch_size, rank, world, seed, cfg.data.num_workers,
+                            stall_warning_s=cfg.data.stall_warning_s)
     checkpoints = CheckpointManager(output_dir, keep=cfg.run.keep_checkpoints)
     peak, device_name = device_peak_tflops(device)
     from .loop import Trainer

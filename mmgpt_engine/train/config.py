@@ -39,6 +39,7 @@ class DataConfig:
     num_workers: int = 0
     val_samples: int = 256              # held-out samples for the validation loss
     caption_eval_samples: int = 64      # held-out images captioned greedily (built-in data only)
+    stall_warning_s: float = 300.0      # report a loader that yields nothing this long (0: never)
     options: dict = field(default_factory=dict)   # passed to the dataset factory as keywords
 
 
@@ -166,6 +167,7 @@ class TrainConfig:
             if value is not None:
                 _int(name, value, 1)
         # yaml 1.1 reads `3e-3` (no dot) as a string: accept it as the number it spells
+        d.stall_warning_s = _number("data.stall_warning_s", d.stall_warning_s, 0.0, None)
         o.lr = _number("optim.lr", o.lr, 0.0, None)
         o.min_lr_ratio = _number("optim.min_lr_ratio", o.min_lr_ratio, 0.0, 1.0)
         o.weight_decay = _number("optim.weight_decay", o.weight_decay, 0.0, None)

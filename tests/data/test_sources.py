@@ -108,9 +108,27 @@ def test_missing_and_truncated_shards_are_counted_not_raised(shards, caplog):
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == ds.skipped  # every skip logged, naming rank and shard (and the key when there is one)
     assert any(line.startswith(f"data: rank 1: skipped data in shard {urls[1]}: FileNotFoundError") for line in lines)
-    assert any(f"in shard {urls[2]}:" in line for line in lines)
+    assert any(f"in shard {urls[2]}: truncated tar (" in line for line in lines)
     assert any(line.startswith(f"data: rank 1: skipped sample 'bad' in shard {urls[3]}: ") for line in lines)
     assert any(f"skipped sample 'nocap' in shard {urls[3]}: no caption" in line for line in lines)
+
+
+def test_a_tar_cut_at_a_member_boundary_is_reported(shards, caplog):
+    """Cut exactly after a member, a tar reads as a shorter shard without any error; the missing
+    end-of-archive marker gives it away."""
+    from mmgpt_engine.data.shards import tar_truncated
+
+    data = (shards / "shard-000.tar").read_bytes()
+    assert tar_truncated(str(shards / "shard-000.tar")) is None
+    (shards / "cut.tar").write_bytes(data[:2048])                      # header + one member's data block(s)
+    (shards / "odd.tar").write_bytes(data[:2000])
+    assert tar_truncated(str(shards / "cut.tar")) == "no end-of-archive marker"
+    assert tar_truncated(str(shards / "odd.tar")) == "2000 bytes is not a whole number of 512-byte blocks"
+    ds = WebDatasetCaptions([str(shards / "cut.tar")], image_size=8, shuffle=False)
+    with caplog.at_level("WARNING", logger="mmgpt_engine.data"):
+        list(ds)
+    assert ds.skipped >= 1
+    assert any("cut.tar: truncated tar (no end-of-archive marker)" in r.getMessage() for r in caplog.records)
 
 
 def test_shard_spec_errors(tmp_path):

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import socket
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from mmgpt_engine.train.batches import MapBatches, StreamSampler
+from mmgpt_engine.train.batches import MapBatches, StallWatchdog, StreamSampler
 from mmgpt_engine.train.checkpoint import CheckpointError, _run_converter, find_resume, resume_plan
 from mmgpt_engine.train.faults import NonFiniteGuard, NonFiniteLossError, StopSignal
 
@@ -58,6 +59,36 @@ def test_map_batches_position_round_trips_and_refuses_another_dataset():
     c = MapBatches(data[:20], collate, micro=2, rank=0, world=2, seed=1)
     with pytest.raises(ValueError, match=r"the checkpoint's stream has 30 samples under seed 1, this run has 20"):
         c.load_state_dict(state)
+
+
+class _SlowData:
+    delay = 0.0
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        import time
+
+        time.sleep(self.delay)
+        return i
+
+
+def test_a_stalled_data_loader_is_reported_with_rank_and_seconds():
+    reports = []
+    data = _SlowData()
+    batches = MapBatches(data, list, micro=1, rank=1, world=2, seed=0, watchdog=StallWatchdog(0.4, 1, reports.append))
+    batches.next()
+    assert reports == []                                       # a prompt batch: nothing to say
+    data.delay = 1.1
+    batches.next()
+    # at 0.4 s, again at 0.8 s (give or take the watchdog's 0.1 s tick on a busy machine), then the recovery
+    stalled = [re.match(r"data: rank 1: the data loader has yielded nothing for (\d+\.\d) s \(still waiting; "
+                        r"data.stall_warning_s = 0.4\)", r) for r in reports[:-1]]
+    assert stalled and all(stalled), reports
+    waited = [float(m.group(1)) for m in stalled]
+    assert 0.4 <= waited[0] < 0.8 and waited == sorted(waited) and len(waited) <= 2
+    assert re.match(r"data: rank 1: the data loader delivered again after 1\.\d s", reports[-1]), reports
 
 
 # ------------------------------------------------------------------------ finding a checkpoint
