@@ -28,7 +28,7 @@ def resolve(ds, cfg=None, world=2, accelerator="cpu", bf16=True, hidden=128):
 def test_default_yaml_loads_and_names_its_values():
     cfg = TrainConfig.from_yaml(CONFIGS / "train_tiny.yaml")
     assert cfg.model["preset"] == "tiny" and cfg.data.kind == "shapes"
-    assert cfg.optim.lr == pytest.approx(1.5e-3) and cfg.run.max_steps == 600
+    assert cfg.optim.lr == pytest.approx(1e-3) and cfg.run.max_steps == 600 and cfg.data.tokenizer == "shapes"
     assert "batch.micro_batch_size" in cfg.explicit and "batch.global_batch_size" not in cfg.explicit
     assert cfg.model_config().n_image_tokens == 16
 
