@@ -131,6 +131,9 @@ def run(argv: Optional[Sequence[str]], stop: StopSignal) -> int:
                                   bf16_supported=bool(acc.is_bf16_supported()), hidden_size=model_config.n_embd,
                                   source=ds_source)
     preflight.check_backend(cfg.run.backend, device_type)
+    attention_note = preflight.check_attention_backend(model_config, cfg.run.backend, cfg.run.precision, device_type)
+    if attention_note and rank == 0:
+        print(f"mmgpt-train: {attention_note}", file=sys.stderr, flush=True)
     preflight.check_data(cfg)
     if cfg.run.init_from is not None and not Path(cfg.run.init_from).exists():
         raise ConfigError(f"--init_from: no such file or folder {cfg.run.init_from!r}")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Optional
 
 from .config import ConfigError, TrainConfig
 
@@ -83,6 +84,52 @@ def check_backend(backend, device_type: str) -> None:
     if reason is not None:
         raise ConfigError(f"{source} {backend}: not available on {device_type} ({reason}); available here: "
                           f"{available_backends(device)} (leave it unset to pick the best of them)")
+
+
+def attention_head_dims(model_config) -> list[tuple[str, int, str]]:
+    """(which, head dim, where it comes from) of every attention in the model."""
+    c = model_config
+    dims = [("text", c.head_dim, f"n_embd {c.n_embd} / n_head {c.n_head}")]
+    if c.vision_type == "vit" and c.vision_layers > 0:
+        dims.append(("vision", c.vision_width // c.vision_heads,
+                     f"vision_width {c.vision_width} / vision_heads {c.vision_heads}"))
+    return dims
+
+
+def attention_fallback(model_config, backend: Optional[str], precision: str,
+                       triton_reason: Optional[str]) -> Optional[str]:
+    """The cuda backend's flash attention is built for FLASH_HEAD_DIMS in fp16/bf16; other cases
+    run on the triton kernels (ops/attention.py). A note naming that fallback (None when nothing
+    falls back), or ConfigError when the fallback cannot run here either (`triton_reason`)."""
+    if backend != "cuda":
+        return None
+    from ..ops.cuda import FLASH_HEAD_DIMS
+
+    off = [f"the {which} head dim {d} ({how})" for which, d, how in attention_head_dims(model_config)
+           if d not in FLASH_HEAD_DIMS]
+    if precision not in ("bf16", "fp16"):
+        off.append(f"precision {precision}")
+    if not off:
+        return None
+    built = f"head dims {list(FLASH_HEAD_DIMS)} in fp16/bf16"
+    if triton_reason is not None:
+        raise ConfigError(f"--backend cuda: the CUDA flash attention is built for {built}, and {', '.join(off)} would "
+                          f"fall back to the triton kernels, which cannot run here ({triton_reason}); choose sizes "
+                          f"giving head dim {' or '.join(map(str, FLASH_HEAD_DIMS))} and bf16, or --backend torch")
+    return (f"note: --backend cuda: the CUDA flash attention is built for {built}; for {', '.join(off)} attention "
+            f"runs on the triton fallback (the other ops stay on cuda)")
+
+
+def check_attention_backend(model_config, backend: Optional[str], precision: str, device_type: str) -> Optional[str]:
+    """attention_fallback for this run's backend (--backend, else MMGPT_BACKEND) on its device."""
+    from ..ops._dispatch import ENV_VAR, unavailable_reason
+
+    backend = backend or os.environ.get(ENV_VAR, "").strip() or None
+    if backend != "cuda":
+        return None
+    import torch
+
+    return attention_fallback(model_config, backend, precision, unavailable_reason("triton", torch.device(device_type)))
 
 
 def launch_env() -> tuple[int, int, int, bool]:

@@ -212,6 +212,8 @@ def test_cli_bad_cases_fail_before_anything_is_built(tmp_path, capsys, nothing_h
     monkeypatch.setenv("MMGPT_BACKEND", "fastest")
     _fails(out, capsys, r"MMGPT_BACKEND \(environment\): expected one of \['torch', 'triton', 'cuda'\], got 'fastest'")
     monkeypatch.delenv("MMGPT_BACKEND")
+    _fails(out + ["--set", "model.n_embd=36", "--set", "model.n_head=3"], capsys,
+           r"model: n_head: expected a head dim \(width / heads\) that is a multiple of 8 in \[8, 256\], got 12")
     _fails(out + ["--init_from", str(tmp_path / "no_model")], capsys, r"--init_from: no such file or folder")
     _fails(out + ["--precision", "fp16"], capsys, r"fp16 is not supported by DeepSpeed's CPU accelerator")
     blocker = tmp_path / "a_file"
@@ -246,3 +248,26 @@ def test_bad_config_fails_through_the_launcher(tmp_path):
     assert "mmgpt-train: error: batch sizes disagree: train_batch_size / batch.global_batch_size = 64" in text
     assert "world size (2) = 8" in text
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_cuda_backend_names_the_attention_fallback_for_its_head_dims():
+    """--backend cuda with a head dim (or precision) its flash attention is not built for: the run
+    says up front that attention falls back to triton, or fails when triton cannot run there."""
+    from mmgpt_engine.model.config import ModelConfig
+    from mmgpt_engine.ops.cuda import FLASH_HEAD_DIMS
+    from mmgpt_engine.train.preflight import attention_fallback
+
+    assert FLASH_HEAD_DIMS == (64, 128)
+    fits = ModelConfig.from_preset("tiny", n_embd=128, n_head=2, vision_width=128, vision_heads=2)
+    assert attention_fallback(fits, "cuda", "bf16", None) is None
+    assert attention_fallback(fits, "triton", "fp32", None) is None           # only the cuda backend falls back
+    odd = ModelConfig.from_preset("tiny", n_embd=96, n_head=3, vision_width=128, vision_heads=2)
+    note = attention_fallback(odd, "cuda", "bf16", None)
+    assert note == ("note: --backend cuda: the CUDA flash attention is built for head dims [64, 128] in fp16/bf16; "
+                    "for the text head dim 32 (n_embd 96 / n_head 3) attention runs on the triton fallback (the other "
+                    "ops stay on cuda)")
+    assert "precision fp32" in attention_fallback(fits, "cuda", "fp32", None)
+    with pytest.raises(ConfigError, match=r"--backend cuda: .* the text head dim 32 \(n_embd 96 / n_head 3\) would fall "
+                                          r"back to the triton kernels, which cannot run here \(triton is gone\); "
+                                          r"choose sizes giving head dim 64 or 128 and bf16, or --backend torch"):
+        attention_fallback(odd, "cuda", "bf16", "triton is gone")
