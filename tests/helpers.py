@@ -32,3 +32,47 @@ def assert_close_to_truth(name, got, truth, torch_lowp, *, factor=2.0, floor=Non
 def kernel_backends():
     """The non-reference backends that run here (triton interpreted on CPU, cuda on a GPU)."""
     return [b for b in available_backends() if b != "torch"]
+
+
+def unaligned_copy(t: torch.Tensor) -> torch.Tensor:
+    """t's values in a tensor whose data starts one element past a 16-byte boundary (so kernels
+    take their scalar-load paths)."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    view = buf[1:].view(t.shape)
+    view.copy_(t)
+    assert view.data_ptr() % 16 != 0
+    return view
+
+
+def check_fwd_bwd(fn, ref, inputs, dtype, names=None, *, unaligned=False, n_grad_outputs=None):
+    """fn vs ref, forward and backward: fn runs in `dtype`, ref in float64 (the truth) and in `dtype`
+    (for the allowed error, see assert_close_to_truth). inputs: tensors (floating ones become leaves
+    that take gradients) or None; gradients flow back through the first n_grad_outputs outputs
+    (default all); names: one letter per floating input, for the messages."""
+    def run(f, dt, misalign):
+        leaves = []
+        for t in inputs:
+            if t is None or not t.is_floating_point():
+                leaves.append(t)
+                continue
+            x = t.to(dt)
+            leaves.append((unaligned_copy(x) if misalign else x.clone()).requires_grad_())
+        outs = f(*leaves)
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        with_grad = list(outs[:n_grad_outputs])
+        torch.autograd.backward(with_grad, [g.to(o.dtype) for g, o in zip(grads, with_grad)])
+        return outs, [x.grad for x in leaves if isinstance(x, torch.Tensor) and x.requires_grad]
+
+    with torch.no_grad():
+        probe = ref(*[t.double() if t is not None and t.is_floating_point() else t for t in inputs])
+    probe = probe if isinstance(probe, tuple) else (probe,)
+    grads = [torch.randn(o.shape, device=o.device) for o in probe]
+    got, got_g = run(fn, dtype, unaligned)
+    truth, truth_g = run(ref, torch.float64, False)
+    lowp, lowp_g = run(ref, dtype, False)
+    for i, (a, b, c) in enumerate(zip(got, truth, lowp)):
+        finite = torch.isfinite(b)
+        assert torch.equal(torch.isfinite(a), finite), f"out[{i}]: non-finite pattern differs from the reference"
+        assert_close_to_truth(f"out[{i}]", a[finite], b[finite], c[finite])
+    for i, (a, b, c) in enumerate(zip(got_g, truth_g, lowp_g)):
+        assert_close_to_truth(f"d{names[i]}" if names else f"grad[{i}]", a, b, c)

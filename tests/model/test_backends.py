@@ -13,14 +13,7 @@ import torch
 from mmgpt_engine.model import ModelConfig, MultimodalGPT
 from mmgpt_engine.ops import available_backends
 from tests.helpers import assert_close_to_truth
-
-SMALL = dict(vocab_size=61, n_layer=2, n_head=2, n_embd=32, mlp_hidden=72, max_seq_len=40, image_size=16,
-             patch_size=8, vision_layers=1, vision_width=32, vision_heads=2)
-VARIANTS = {
-    "vit-learned-layernorm": {},
-    "cnn-rope-rmsnorm-gqa": dict(vision_type="cnn", pos_embedding="rope", norm="rmsnorm", n_head=4, n_kv_head=2,
-                                 bias=False, tie_embeddings=False),
-}
+from tests.model.conftest import SMALL, VARIANTS
 
 
 def batch(cfg, b=2, t=9, device="cpu", packed=False):

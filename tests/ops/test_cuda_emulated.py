@@ -23,7 +23,7 @@ import torch
 from mmgpt_engine import ops
 from mmgpt_engine.ops import _cuda_build as cfg
 from mmgpt_engine.ops import _dispatch, cuda, reference
-from tests.helpers import assert_close_to_truth
+from tests.helpers import assert_close_to_truth, check_fwd_bwd
 
 pytestmark = pytest.mark.xdist_group("cuda_emulated")
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
@@ -278,41 +278,6 @@ def emulated_cuda(emulator, monkeypatch):
     return emulator
 
 
-def check(fn, ref, inputs, dtype, *, unaligned=False, n_grad_outputs=None):
-    """fn (backend="cuda") vs ref in float64 and in dtype, forward and backward (through the first
-    n_grad_outputs outputs, default all)."""
-    def run(f, dt, misalign):
-        leaves = []
-        for t in inputs:
-            if t is None or not t.is_floating_point():
-                leaves.append(t)
-                continue
-            x = t.to(dt)
-            if misalign:  # the data starts one element past a 16-byte boundary
-                buf = torch.empty(x.numel() + 1, dtype=dt)
-                x = buf[1:].view(x.shape).copy_(x)
-            leaves.append(x.detach().clone() if not misalign else x.detach())
-            leaves[-1].requires_grad_()
-        outs = f(*leaves)
-        outs = outs if isinstance(outs, tuple) else (outs,)
-        torch.autograd.backward(list(outs[:n_grad_outputs]), [g.to(o.dtype) for g, o in zip(grads, outs)])
-        return outs, [x.grad for x in leaves if isinstance(x, torch.Tensor) and x.requires_grad]
-
-    with torch.no_grad():
-        shapes = ref(*[t.double() if t is not None and t.is_floating_point() else t for t in inputs])
-    shapes = shapes if isinstance(shapes, tuple) else (shapes,)
-    grads = [torch.randn(s.shape) for s in shapes]
-    got, got_g = run(fn, dtype, unaligned)
-    truth, truth_g = run(ref, torch.float64, False)
-    lowp, lowp_g = run(ref, dtype, False)
-    for i, (a, b, c) in enumerate(zip(got, truth, lowp)):
-        finite = torch.isfinite(b)
-        assert torch.equal(torch.isfinite(a), finite), f"out[{i}]: non-finite pattern differs"
-        assert_close_to_truth(f"out[{i}]", a[finite], b[finite], c[finite])
-    for i, (a, b, c) in enumerate(zip(got_g, truth_g, lowp_g)):
-        assert_close_to_truth(f"grad[{i}]", a, b, c)
-
-
 # ------------------------------------------------------------------------------------- norms
 @pytest.mark.parametrize("kind,shape,dtype,unaligned", [
     ("layer", (7, 100), F16, False),     # a warp per row, 4 rows per block, a partial last block
@@ -326,23 +291,23 @@ def test_norms(emulated_cuda, kind, shape, dtype, unaligned):
     x, r = torch.randn(shape), torch.randn(shape)
     w, b = 1 + 0.5 * torch.randn(n), torch.randn(n)
     if kind == "layer":
-        check(lambda x, r, w, b: ops.layer_norm(x, w, b, residual=r, backend="cuda"),
+        check_fwd_bwd(lambda x, r, w, b: ops.layer_norm(x, w, b, residual=r, backend="cuda"),
               lambda x, r, w, b: reference.layer_norm(x, w, b, 1e-5, residual=r), [x, r, w, b], dtype,
               unaligned=unaligned)
     else:
-        check(lambda x, r, w: ops.rms_norm(x, w, residual=r, backend="cuda"),
+        check_fwd_bwd(lambda x, r, w: ops.rms_norm(x, w, residual=r, backend="cuda"),
               lambda x, r, w: reference.rms_norm(x, w, 1e-6, residual=r), [x, r, w], dtype, unaligned=unaligned)
 
 
 def test_norm_backward_without_room_for_shared_partials_takes_the_looped_path(emulated_cuda):
     emulated_cuda.lib.mmgpt_emu_set_device(3, 8 * 1024)  # too little shared memory for the partial sums
     x, w, b = torch.randn(6, 2048), torch.randn(2048), torch.randn(2048)
-    check(lambda x, w, b: ops.layer_norm(x, w, b, backend="cuda"), lambda x, w, b: reference.layer_norm(x, w, b),
+    check_fwd_bwd(lambda x, w, b: ops.layer_norm(x, w, b, backend="cuda"), lambda x, w, b: reference.layer_norm(x, w, b),
           [x, w, b], BF16)
 
 
 def test_norm_without_affine_params(emulated_cuda):
-    check(lambda x: ops.layer_norm(x, None, None, backend="cuda"), lambda x: reference.layer_norm(x),
+    check_fwd_bwd(lambda x: ops.layer_norm(x, None, None, backend="cuda"), lambda x: reference.layer_norm(x),
           [torch.randn(9, 33)], F32)
 
 
@@ -357,14 +322,14 @@ def test_softmax(emulated_cuda, shape, dtype, mask, causal):
     n = shape[-1]
     m = {"bool": torch.rand(n) > 0.3, "float64": torch.randn(n).double(),
          "half": torch.randn(shape[-2], 1, n).half().squeeze(1) if len(shape) > 2 else None}[mask]
-    check(lambda x: ops.softmax(x, scale=0.7, mask=m, causal=causal, backend="cuda"),
+    check_fwd_bwd(lambda x: ops.softmax(x, scale=0.7, mask=m, causal=causal, backend="cuda"),
           lambda x: reference.softmax(x, 0.7, m, causal), [torch.randn(shape)], dtype)
 
 
 def test_softmax_fully_masked_rows_are_zero(emulated_cuda):
     mask = torch.rand(4, 9) > 0.5
     mask[1] = False
-    check(lambda x: ops.softmax(x, mask=mask, backend="cuda"), lambda x: reference.softmax(x, 1.0, mask),
+    check_fwd_bwd(lambda x: ops.softmax(x, mask=mask, backend="cuda"), lambda x: reference.softmax(x, 1.0, mask),
           [torch.randn(4, 9)], F32, unaligned=True)
 
 
@@ -373,7 +338,7 @@ def test_softmax_fully_masked_rows_are_zero(emulated_cuda):
 def test_cross_entropy(emulated_cuda, rows, v, dtype):
     target = torch.randint(0, v, (rows,))
     target[0] = -100
-    check(lambda x: ops.cross_entropy(x, target, reduction="none", backend="cuda"),
+    check_fwd_bwd(lambda x: ops.cross_entropy(x, target, reduction="none", backend="cuda"),
           lambda x: reference.cross_entropy(x, target, reduction="none").float(), [4 * torch.randn(rows, v)], dtype)
 
 
@@ -385,7 +350,7 @@ def test_cross_entropy_out_of_range_target_is_nan(emulated_cuda):
 # ----------------------------------------------------------------------------- attention
 def _attention_case(b, s_q, s_k, h, h_kv, d, dtype, **kwargs):
     q, k, v = torch.randn(b, s_q, h, d), torch.randn(b, s_k, h_kv, d), torch.randn(b, s_k, h_kv, d)
-    check(lambda q, k, v: ops.flash_attention(q, k, v, return_lse=True, backend="cuda", **kwargs),
+    check_fwd_bwd(lambda q, k, v: ops.flash_attention(q, k, v, return_lse=True, backend="cuda", **kwargs),
           lambda q, k, v: reference.flash_attention(q, k, v, return_lse=True, **kwargs), [q, k, v], dtype,
           n_grad_outputs=1)  # lse carries no gradient
 

@@ -10,7 +10,7 @@ import torch
 
 from mmgpt_engine import ops
 from mmgpt_engine.ops import reference
-from tests.helpers import assert_close_to_truth
+from tests.helpers import assert_close_to_truth, check_fwd_bwd
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
@@ -24,44 +24,6 @@ def _needs_cuda_backend():
         pytest.skip(f"cuda backend unavailable: {reason}")
 
 
-def _unaligned(t):
-    """t's values in a tensor whose data starts 2 bytes past a 16-byte boundary."""
-    buf = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
-    view = buf[1:].view(t.shape)
-    view.copy_(t)
-    assert view.data_ptr() % 16 != 0
-    return view
-
-
-def _compare(fn, ref, inputs, dtype, names, *, unaligned=False):
-    """fn vs ref (float64 truth, and ref in `dtype` for the allowed error), forward + backward."""
-    def run(f, dt, misalign):
-        leaves = []
-        for t in inputs:
-            if t is None or not t.is_floating_point():
-                leaves.append(t)
-                continue
-            x = t.to(dt)
-            x = (_unaligned(x) if misalign else x.clone()).requires_grad_()
-            leaves.append(x)
-        out = f(*leaves)
-        outs = out if isinstance(out, tuple) else (out,)
-        torch.autograd.backward(outs, [g.to(o.dtype) for g, o in zip(grads, outs)])
-        return outs, [x.grad for x in leaves if isinstance(x, torch.Tensor) and x.requires_grad]
-
-    with torch.no_grad():
-        probe = ref(*[t.to(dtype) if t is not None and t.is_floating_point() else t for t in inputs])
-    probe = probe if isinstance(probe, tuple) else (probe,)
-    grads = [torch.randn(o.shape, device=DEV) for o in probe]
-    got, got_g = run(fn, dtype, unaligned)
-    truth, truth_g = run(ref, torch.float64, False)
-    lowp, lowp_g = run(ref, dtype, False)
-    for i, (a, b, c) in enumerate(zip(got, truth, lowp)):
-        assert_close_to_truth(f"out[{i}]", a, b, c)
-    for name, a, b, c in zip(names, got_g, truth_g, lowp_g):
-        assert_close_to_truth(f"d{name}", a, b, c)
-
-
 # ------------------------------------------------------------------------------------- norms
 @pytest.mark.parametrize("n", [32, 1024, 1025, 8192, 16384, 20000], ids=lambda n: f"n{n}")
 @pytest.mark.parametrize("dtype", [F16, BF16, F32], ids=str)
@@ -71,10 +33,10 @@ def test_norm_register_warp_block_and_looped_paths(kind, dtype, n):
     x, r = torch.randn(rows, n, device=DEV), torch.randn(rows, n, device=DEV)
     w, b = 1 + 0.5 * torch.randn(n, device=DEV), torch.randn(n, device=DEV)
     if kind == "layer":
-        _compare(lambda x, r, w, b: ops.layer_norm(x, w, b, residual=r, backend="cuda"),
+        check_fwd_bwd(lambda x, r, w, b: ops.layer_norm(x, w, b, residual=r, backend="cuda"),
                  lambda x, r, w, b: reference.layer_norm(x, w, b, 1e-5, residual=r), [x, r, w, b], dtype, "xrwb")
     else:
-        _compare(lambda x, r, w: ops.rms_norm(x, w, residual=r, backend="cuda"),
+        check_fwd_bwd(lambda x, r, w: ops.rms_norm(x, w, residual=r, backend="cuda"),
                  lambda x, r, w: reference.rms_norm(x, w, 1e-6, residual=r), [x, r, w], dtype, "xrw")
 
 
@@ -82,7 +44,7 @@ def test_norm_register_warp_block_and_looped_paths(kind, dtype, n):
 @pytest.mark.parametrize("dtype", [F16, F32], ids=str)
 def test_norm_unaligned_rows_take_the_scalar_path(dtype, n):
     x, w, b = torch.randn(9, n, device=DEV), 1 + torch.randn(n, device=DEV), torch.randn(n, device=DEV)
-    _compare(lambda x, w, b: ops.layer_norm(x, w, b, backend="cuda"),
+    check_fwd_bwd(lambda x, w, b: ops.layer_norm(x, w, b, backend="cuda"),
              lambda x, w, b: reference.layer_norm(x, w, b, 1e-5), [x, w, b], dtype, "xwb", unaligned=True)
 
 
@@ -103,9 +65,9 @@ def test_norm_weight_gradient_is_deterministic():
 @pytest.mark.parametrize("dtype", [F16, BF16, F32], ids=str)
 def test_softmax_register_and_looped_paths(dtype, n):
     mask = torch.rand(n, device=DEV) > 0.2
-    _compare(lambda x: ops.softmax(x, scale=0.3, mask=mask, backend="cuda"),
+    check_fwd_bwd(lambda x: ops.softmax(x, scale=0.3, mask=mask, backend="cuda"),
              lambda x: reference.softmax(x, 0.3, mask), [torch.randn(2, 3, n, device=DEV)], dtype, "x")
-    _compare(lambda x: ops.softmax(x, causal=True, backend="cuda"),
+    check_fwd_bwd(lambda x: ops.softmax(x, causal=True, backend="cuda"),
              lambda x: reference.softmax(x, causal=True), [torch.randn(5, n, device=DEV)], dtype, "x")
 
 
@@ -114,7 +76,7 @@ def test_softmax_mask_dtypes_and_unaligned_rows(mask_dtype):
     n = 1001
     mask = torch.randn(3, 1, n, device=DEV)
     mask = mask > 0 if mask_dtype == torch.bool else mask.to(mask_dtype)
-    _compare(lambda x: ops.softmax(x, mask=mask, backend="cuda"), lambda x: reference.softmax(x, 1.0, mask),
+    check_fwd_bwd(lambda x: ops.softmax(x, mask=mask, backend="cuda"), lambda x: reference.softmax(x, 1.0, mask),
              [torch.randn(3, 4, n, device=DEV)], F16, "x", unaligned=True)
 
 
@@ -124,14 +86,14 @@ def test_softmax_mask_dtypes_and_unaligned_rows(mask_dtype):
 def test_cross_entropy_large_vocab(dtype, v):
     target = torch.randint(0, v, (37,), device=DEV)
     target[::5] = -100
-    _compare(lambda x: ops.cross_entropy(x, target, reduction="none", backend="cuda"),
+    check_fwd_bwd(lambda x: ops.cross_entropy(x, target, reduction="none", backend="cuda"),
              lambda x: reference.cross_entropy(x, target, reduction="none"),
              [4 * torch.randn(37, v, device=DEV)], dtype, "x")
 
 
 def test_cross_entropy_unaligned_rows():
     target = torch.randint(0, 999, (8,), device=DEV)
-    _compare(lambda x: ops.cross_entropy(x, target, backend="cuda"), lambda x: reference.cross_entropy(x, target),
+    check_fwd_bwd(lambda x: ops.cross_entropy(x, target, backend="cuda"), lambda x: reference.cross_entropy(x, target),
              [torch.randn(8, 999, device=DEV)], F16, "x", unaligned=True)
 
 
@@ -154,7 +116,7 @@ def _check_attention(b, s_q, s_k, h, h_kv, d, dtype, **kwargs):
     ref_lse = _attention_ref(q.double(), k.double(), v.double(), **kwargs)[1]
     assert torch.equal(torch.isneginf(lse), torch.isneginf(ref_lse)), "lse: -inf where a query sees no key"
     # out and the gradients (lse carries no gradient: compare out only through the backward)
-    _compare(lambda q, k, v: _attention(q, k, v, **kwargs)[0], lambda q, k, v: _attention_ref(q, k, v, **kwargs)[0],
+    check_fwd_bwd(lambda q, k, v: _attention(q, k, v, **kwargs)[0], lambda q, k, v: _attention_ref(q, k, v, **kwargs)[0],
              [q, k, v], dtype, "qkv")
     live = ~torch.isneginf(ref_lse)
     assert_close_to_truth("lse", lse[live], ref_lse[live], _attention_ref(q.to(dtype), k.to(dtype), v.to(dtype),
@@ -219,6 +181,6 @@ def test_flash_attention_unsupported_cases_fall_back_to_triton():
 
     assert cuda._flash_kernels(torch.empty(1, 1, 1, 96, device=DEV, dtype=F16)) is not None
     assert cuda._flash_kernels(torch.empty(1, 1, 1, 64, device=DEV, dtype=F32)) is not None
-    _compare(lambda q, k, v: ops.flash_attention(q, k, v, causal=True, backend="cuda"),
+    check_fwd_bwd(lambda q, k, v: ops.flash_attention(q, k, v, causal=True, backend="cuda"),
              lambda q, k, v: reference.flash_attention(q, k, v, causal=True),
              [torch.randn(1, 50, 2, 64, device=DEV) for _ in range(3)], F32, "qkv")
