@@ -61,9 +61,9 @@ def test_degenerate_samples_train(tmp_path):
                {"image": "gray.png", "text": "a gray picture"}]
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
     out = tmp_path / "run"
-    proc = single(["--set", "data.kind=jsonl", "--set", f"data.path={tmp_path}/train.jsonl", "--output_dir", out,
-                   "--max_steps", 3, "--save_steps", 0, "--eval_steps", 0, *SMALL_MODEL, *QUICK_RUN,
-                   "--micro_batch_size", 6])
+    proc = single(["--set", "data.kind=jsonl", "--set", f"data.path={tmp_path}/train.jsonl",
+                   "--set", "data.tokenizer=byte", "--output_dir", out, "--max_steps", 3, "--save_steps", 0,
+                   "--eval_steps", 0, *SMALL_MODEL, *QUICK_RUN, "--micro_batch_size", 6])
     records = metrics(out)
     assert [r["step"] for r in records] == [1, 2, 3]
     assert all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in records)

@@ -175,7 +175,7 @@ def test_exported_safetensors_is_the_trained_model_and_generates(runs, tmp_path)
     assert (out3 / "model" / "model.safetensors").is_file() and (out3 / "model" / "tokenizer_config.json").is_file()
     assert model.config.n_layer == 2 and model.config.n_embd == 64
     # the run's final val loss: 16 held-out samples, 8 per rank in micro-batches of 4, token-weighted
-    tok = get_tokenizer()
+    tok = get_tokenizer(str(out3 / "model"))  # the run's own (configs/train_tiny.yaml names it)
     val = build_dataset("shapes", split="val", tokenizer=tok, config=model.config, seed=1234)
     collate = make_collate(tok, model.config)
     total = count = 0.0
