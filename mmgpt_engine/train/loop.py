@@ -8,6 +8,7 @@ point, which collective code (ZeRO, the checkpoint save) requires.
 """
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Optional
@@ -70,6 +71,10 @@ class Trainer:
         if isinstance(data, list) and data:
             # same world size: this rank's own position; otherwise rank 0's (a map-style position is global)
             self.batches.load_state_dict(data[self.rank] if len(data) == self.world else data[0])
+            if len(data) != self.world and data[0].get("kind") == "iterable" and self.rank == 0:
+                print(f"mmgpt-train: warning: the checkpoint's data position was written by {len(data)} rank(s); "
+                      f"WebDataset shards are split by rank, so on {self.world} the epoch resumes only approximately "
+                      f"(rank 0's count of batches is replayed on every rank)", file=sys.stderr, flush=True)
 
     # ------------------------------------------------------------------ one step
     def _flops(self, batch: dict) -> float:
