@@ -179,6 +179,13 @@ def resume_plan(target: ResumeTarget, world_size: int, zero_stage: int) -> str:
             f"run has {world_size} under stage {zero_stage}. DeepSpeed's universal checkpoint converts the optimizer "
             f"state only between ZeRO stages 1-3, so resume it under stage {saved_stage} (--deepspeed_config "
             f"configs/ds_zero{saved_stage}.json)")
+    if (saved_stage == 3) != (zero_stage == 3):
+        raise CheckpointError(
+            f"--resume: {str(target.path)!r} was written under ZeRO stage {saved_stage}; this run has stage "
+            f"{zero_stage}. DeepSpeed 0.19's universal checkpoint keeps the optimizer's global state in a "
+            f"stage-specific layout (stages 1-2 one, stage 3 another), so it cannot move across stage 3; resume it "
+            f"under stage {'3' if saved_stage == 3 else '1 or 2'} (--deepspeed_config configs/ds_zero{saved_stage}.json), "
+            f"on any number of ranks")
     return UNIVERSAL
 
 

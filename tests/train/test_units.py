@@ -121,7 +121,11 @@ def test_resume_plan_converts_partitioned_checkpoints_or_says_why_not(tmp_path):
     target = find_resume(str(_ckpt(tmp_path, 5, world=2, stage=2)), tmp_path)
     assert resume_plan(target, world_size=2, zero_stage=2) == "plain"
     assert resume_plan(target, world_size=1, zero_stage=2) == "universal"     # another world size
-    assert resume_plan(target, world_size=2, zero_stage=3) == "universal"     # another ZeRO stage
+    assert resume_plan(target, world_size=2, zero_stage=1) == "universal"     # another ZeRO stage
+    with pytest.raises(CheckpointError, match=r"written under ZeRO stage 2; this run has stage 3\. DeepSpeed 0\.19's "
+                                              r"universal checkpoint .* cannot move across stage 3; resume it under "
+                                              r"stage 1 or 2 .*, on any number of ranks"):
+        resume_plan(target, world_size=1, zero_stage=3)
     with pytest.raises(CheckpointError, match=r"written by 2 ranks under ZeRO stage 2; this run has 1 under stage 0\. "
                                               r".* resume it under stage 2 \(--deepspeed_config configs/ds_zero2.json\)"):
         resume_plan(target, world_size=1, zero_stage=0)
