@@ -14,6 +14,7 @@ Train a byte-level BPE on local text files (the `tokenizers` library does the wo
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -122,6 +123,18 @@ def shapes_word_tokenizer() -> HFTokenizer:
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.add_special_tokens(list(SPECIAL_TOKENS))  # already in the vocab: marks them skippable on decode
     return HFTokenizer(tok, source="shapes")
+
+
+def tokenizer_fingerprint(tokenizer) -> dict:
+    """What identifies a tokenizer's ids: its kind, vocabulary size and a hash of its definition.
+    Two tokenizers with the same fingerprint map text to the same ids (checkpoints record it, so a
+    run is not resumed with another tokenizer, which would train on meaningless ids)."""
+    if isinstance(tokenizer, HFTokenizer):
+        definition = tokenizer.tokenizer.to_str()
+    else:
+        definition = f"{tokenizer.kind}:{tokenizer.vocab_size}"
+    return {"kind": tokenizer.kind, "vocab_size": int(tokenizer.vocab_size),
+            "sha256": hashlib.sha256(definition.encode()).hexdigest()[:16]}
 
 
 def get_tokenizer(name_or_path: Optional[str | os.PathLike] = None):

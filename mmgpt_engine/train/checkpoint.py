@@ -252,9 +252,10 @@ def _run_converter(source: Path, dest: Path) -> Optional[str]:
 
 # ------------------------------------------------------------------------------------ saving
 class CheckpointManager:
-    def __init__(self, output_dir: Path, keep: int = 2):
+    def __init__(self, output_dir: Path, keep: int = 2, meta: Optional[dict] = None):
         self.ckpt_dir = Path(output_dir) / "checkpoints"
         self.keep = keep
+        self.meta = dict(meta or {})  # recorded in every complete.json (e.g. the tokenizer's fingerprint)
         self.last_saved_step: Optional[int] = None
 
     def save(self, engine, step: int, client_state: dict) -> Path:
@@ -280,7 +281,7 @@ class CheckpointManager:
         dist.barrier()  # every rank's files are written (save_checkpoint's own barrier precedes its return)
         if rank == 0:
             meta = {"step": step, "world_size": world, "zero_stage": int(engine.zero_optimization_stage()),
-                    "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                    "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **self.meta}
             _write_atomic(tag_dir / MARKER, json.dumps(meta, indent=1) + "\n")
             _write_atomic(self.ckpt_dir / LATEST, tag)
             self._prune(tag)

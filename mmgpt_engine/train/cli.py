@@ -140,6 +140,8 @@ def run(argv: Optional[Sequence[str]], stop: StopSignal) -> int:
     output_dir = Path(cfg.run.output_dir)
     preflight.check_output_dir(output_dir, rank)
     target = find_resume(args.resume, output_dir)
+    if target is not None:
+        preflight.check_resume_tokenizer(cfg, target)
     universal = target is not None and check_compatible(target, world, zero_stage(ds))
     if universal:
         ds.setdefault("checkpoint", {})["load_universal"] = True
@@ -183,6 +185,7 @@ def run(argv: Optional[Sequence[str]], stop: StopSignal) -> int:
 
     # ------------------------------------------------ data, model, engine
     from ..data import build_dataset, get_tokenizer, make_collate
+    from ..data.tokenizer import tokenizer_fingerprint
     from .batches import build_batches
     from .evaluation import Evaluator
     from .metrics import MetricsLogger, device_peak_tflops, plot_loss_curve
@@ -215,7 +218,9 @@ def run(argv: Optional[Sequence[str]], stop: StopSignal) -> int:
                                            config=ds, lr_scheduler=scheduler, dist_init_required=False)
     batches = build_batches(train_set, collate, cfg.batch.micro_batch_size, rank, world, seed, cfg.data.num_workers,
                             stall_warning_s=cfg.data.stall_warning_s)
-    checkpoints = CheckpointManager(output_dir, keep=cfg.run.keep_checkpoints)
+    checkpoints = CheckpointManager(output_dir, keep=cfg.run.keep_checkpoints,
+                                    meta={"tokenizer": tokenizer_fingerprint(tokenizer),
+                                          "tokenizer_name": cfg.data.tokenizer or "byte"})
     peak, device_name = device_peak_tflops(device)
     from .loop import Trainer
 

@@ -154,3 +154,22 @@ def single_process_env() -> None:
     os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_SIZE": "1",
                        "MASTER_ADDR": "127.0.0.1"})
     os.environ.setdefault("MASTER_PORT", str(port))
+
+
+def check_resume_tokenizer(cfg: TrainConfig, target) -> None:
+    """A checkpoint is resumed only with the tokenizer it was trained with: another one maps the
+    text to other ids, and the run would go on training on meaningless targets without an error.
+    (Checkpoints written before the fingerprint was recorded are not checked.)"""
+    saved = target.meta.get("tokenizer")
+    if saved is None:
+        return
+    from ..data.tokenizer import get_tokenizer, tokenizer_fingerprint
+
+    now = tokenizer_fingerprint(get_tokenizer(cfg.data.tokenizer))
+    if saved != now:
+        name = target.meta.get("tokenizer_name", saved.get("kind"))
+        raise ConfigError(
+            f"--resume: {str(target.path)!r} was trained with the tokenizer {name!r} ({saved['kind']}, "
+            f"{saved['vocab_size']} ids), but data.tokenizer is {cfg.data.tokenizer or 'byte'!r} ({now['kind']}, "
+            f"{now['vocab_size']} ids); resume with data.tokenizer={name}, or start a new run "
+            f"(--resume none --overwrite_output_dir, or another --output_dir)")

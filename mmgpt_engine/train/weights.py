@@ -17,8 +17,6 @@ import contextlib
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 from .config import ConfigError
 
 

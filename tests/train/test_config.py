@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 
@@ -234,6 +233,24 @@ def test_incomplete_checkpoint_is_refused_by_path(tmp_path, capsys, nothing_heav
     ckpt.mkdir(parents=True)
     _fails(["--output_dir", str(tmp_path / "run"), "--resume", str(ckpt)], capsys,
            r"is not a complete checkpoint \(no complete.json: its save was interrupted\)")
+
+
+def test_resume_with_another_tokenizer_is_refused(tmp_path, capsys, nothing_heavy):
+    from mmgpt_engine.data.tokenizer import get_tokenizer, tokenizer_fingerprint
+
+    byte, shapes = (tokenizer_fingerprint(get_tokenizer(n)) for n in ("byte", "shapes"))
+    assert byte != shapes and byte == tokenizer_fingerprint(get_tokenizer(None))
+    ckpt = tmp_path / "run" / "checkpoints"
+    (ckpt / "global_step4").mkdir(parents=True)
+    (ckpt / "global_step4" / "complete.json").write_text(json.dumps(
+        {"step": 4, "world_size": 1, "zero_stage": 2, "tokenizer": byte, "tokenizer_name": "byte"}))
+    (ckpt / "latest").write_text("global_step4")
+    out = ["--output_dir", str(tmp_path / "run"), "--set", "data.tokenizer=shapes"]
+    _fails(out, capsys, r"--resume: .*global_step4' was trained with the tokenizer 'byte' \(byte, 259 ids\), but "
+                        r"data.tokenizer is 'shapes' .* resume with data.tokenizer=byte")
+    # the tokenizer it was trained with gets past the check (to the model, which this test forbids)
+    with pytest.raises(AssertionError, match="got past its configuration checks"):
+        cli.main(["--output_dir", str(tmp_path / "run"), "--set", "data.tokenizer=byte"])
 
 
 @pytest.mark.slow
