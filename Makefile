@@ -26,6 +26,9 @@ endif
 PYTEST_ARGS ?=
 TRAIN_ARGS ?=
 OUT ?= benchmarks/results
+# NVIDIA compute-sanitizer: the toolkit's bin/ or its own folder, else PATH (empty when absent)
+SANITIZER ?= $(firstword $(wildcard $(CUDA_HOME)/bin/compute-sanitizer $(CUDA_HOME)/compute-sanitizer/compute-sanitizer) \
+  $(shell command -v compute-sanitizer 2>/dev/null))
 
 .PHONY: install test train gpu-check bench clean
 
@@ -53,12 +56,14 @@ gpu-check:
 	TORCH_CUDA_ARCH_LIST=$${GPU_ARCH:-9.0} python3 -m mmgpt_engine.ops.cuda --build 2>&1 | tee $(OUT)/build.log
 	python3 -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee $(OUT)/pytest-gpu.log; \
 	  echo "pytest -m gpu exit: $${PIPESTATUS[0]}" | tee -a $(OUT)/pytest-gpu.log
-	PYTORCH_NO_CUDA_MEMORY_CACHING=1 $(CUDA_HOME)/bin/compute-sanitizer --tool memcheck --error-exitcode 1 \
+	@if [ -z "$(SANITIZER)" ]; then echo "compute-sanitizer: not found in $(CUDA_HOME) or on PATH; sanitizers skipped" \
+	  | tee $(OUT)/sanitize-memcheck.log $(OUT)/sanitize-racecheck.log; fi
+	if [ -n "$(SANITIZER)" ]; then PYTORCH_NO_CUDA_MEMORY_CACHING=1 $(SANITIZER) --tool memcheck --error-exitcode 1 \
 	  python3 -m mmgpt_engine.ops.cuda_sanitize 2>&1 | tee $(OUT)/sanitize-memcheck.log; \
-	  echo "memcheck exit: $${PIPESTATUS[0]}" | tee -a $(OUT)/sanitize-memcheck.log
-	$(CUDA_HOME)/bin/compute-sanitizer --tool racecheck --error-exitcode 1 \
+	  echo "memcheck exit: $${PIPESTATUS[0]}" | tee -a $(OUT)/sanitize-memcheck.log; fi
+	if [ -n "$(SANITIZER)" ]; then $(SANITIZER) --tool racecheck --error-exitcode 1 \
 	  python3 -m mmgpt_engine.ops.cuda_sanitize norms attention 2>&1 | tee $(OUT)/sanitize-racecheck.log; \
-	  echo "racecheck exit: $${PIPESTATUS[0]}" | tee -a $(OUT)/sanitize-racecheck.log
+	  echo "racecheck exit: $${PIPESTATUS[0]}" | tee -a $(OUT)/sanitize-racecheck.log; fi
 	python3 -m benchmarks --quick --out $(OUT) 2>&1 | tee $(OUT)/bench.log
 
 bench:
