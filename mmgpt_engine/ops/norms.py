@@ -101,6 +101,10 @@ def _norm(x, weight, bias, residual, eps, is_rms, backend):
     shape = x.shape
     x2 = x.reshape(-1, shape[-1]).contiguous()
     r2 = residual.reshape(-1, shape[-1]).contiguous() if residual is not None else None
+    # the kernels index weight/bias as dense vectors; a strided or expanded one is copied (its
+    # gradient still reaches the original through the copy)
+    weight = weight.contiguous() if weight is not None else None
+    bias = bias.contiguous() if bias is not None else None
     y, h, _, _ = torch.ops.mmgpt.norm_fwd(x2, weight, bias, r2, eps, is_rms, chosen)
     y = y.view(shape)
     return y if residual is None else (y, h.view(shape))

@@ -95,10 +95,11 @@ def softmax(x: Tensor, *, scale: float = 1.0, mask: Optional[Tensor] = None, cau
                              f"got {tuple(mask.shape)}") from None
     chosen = resolve_backend(backend, x.device)
     if chosen == "torch":
-        return reference.softmax(x, scale, mask, causal)
+        # as on the kernel backends, the mask is a constant (no gradient to it)
+        return reference.softmax(x, scale, mask.detach() if mask is not None else None, causal)
     check_kernel_dtype("x", x, chosen)
     if x.numel() == 0:
-        return torch.empty_like(x)
+        return x * 1.0  # empty, but part of the graph, so backward works as on the torch backend
     n = x.shape[-1]
     x2 = x.reshape(-1, n).contiguous()
     m_view = offsets = None

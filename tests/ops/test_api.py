@@ -58,29 +58,29 @@ def _x(*shape, dtype=torch.float32):
     return torch.randn(*shape, device=DEVICE, dtype=dtype)
 
 
-BAD_INPUTS = [
-    ("layer_norm x not a tensor", lambda: ops.layer_norm([1.0, 2.0], None), TypeError, "x"),
-    ("layer_norm int x", lambda: ops.layer_norm(torch.ones(2, 4, dtype=torch.int64, device=DEVICE), None),
-     TypeError, "x"),
-    ("layer_norm weight shape", lambda: ops.layer_norm(_x(2, 8), _x(4)), ValueError, "weight"),
-    ("layer_norm bias shape", lambda: ops.layer_norm(_x(2, 8), _x(8), _x(7)), ValueError, "bias"),
-    ("layer_norm residual shape", lambda: ops.layer_norm(_x(2, 8), _x(8), residual=_x(3, 8)), ValueError, "residual"),
-    ("rms_norm negative eps", lambda: ops.rms_norm(_x(2, 8), _x(8), eps=-1.0), ValueError, "eps"),
-    ("softmax scale not a number", lambda: ops.softmax(_x(2, 8), scale="2"), TypeError, "scale"),
-    ("softmax mask shape", lambda: ops.softmax(_x(2, 8), mask=torch.ones(3, 8, dtype=torch.bool, device=DEVICE)),
-     ValueError, "mask"),
-    ("softmax causal on 1-d", lambda: ops.softmax(_x(8), causal=True), ValueError, "causal"),
-    ("cross_entropy float target", lambda: ops.cross_entropy(_x(4, 10), _x(4)), TypeError, "target"),
-    ("cross_entropy target shape", lambda: ops.cross_entropy(_x(4, 10), torch.zeros(5, dtype=torch.long,
-                                                                                       device=DEVICE)),
-     ValueError, "target"),
-    ("cross_entropy reduction", lambda: ops.cross_entropy(_x(4, 10), torch.zeros(4, dtype=torch.long, device=DEVICE),
-                                                          reduction="avg"), ValueError, "reduction"),
-    ("cross_entropy ignore_index", lambda: ops.cross_entropy(_x(4, 10), torch.zeros(4, dtype=torch.long,
-                                                                                       device=DEVICE),
-                                                             ignore_index=1.5), TypeError, "ignore_index"),
-    ("cross_entropy empty vocab", lambda: ops.cross_entropy(_x(4, 0), torch.zeros(4, dtype=torch.long, device=DEVICE)),
-     ValueError, "logits"),
+def _t(*shape):
+    return torch.zeros(*shape, dtype=torch.long, device=DEVICE)
+
+
+BAD_INPUTS = [  # (id, call(backend), exception, the argument the message must start with)
+    ("layer_norm x not a tensor", lambda b: ops.layer_norm([1.0, 2.0], None, backend=b), TypeError, "x"),
+    ("layer_norm int x", lambda b: ops.layer_norm(_t(2, 4), None, backend=b), TypeError, "x"),
+    ("layer_norm weight shape", lambda b: ops.layer_norm(_x(2, 8), _x(4), backend=b), ValueError, "weight"),
+    ("layer_norm bias shape", lambda b: ops.layer_norm(_x(2, 8), _x(8), _x(7), backend=b), ValueError, "bias"),
+    ("layer_norm residual shape", lambda b: ops.layer_norm(_x(2, 8), _x(8), residual=_x(3, 8), backend=b),
+     ValueError, "residual"),
+    ("rms_norm negative eps", lambda b: ops.rms_norm(_x(2, 8), _x(8), eps=-1.0, backend=b), ValueError, "eps"),
+    ("softmax scale not a number", lambda b: ops.softmax(_x(2, 8), scale="2", backend=b), TypeError, "scale"),
+    ("softmax mask shape", lambda b: ops.softmax(_x(2, 8), mask=torch.ones(3, 8, dtype=torch.bool, device=DEVICE),
+                                                 backend=b), ValueError, "mask"),
+    ("softmax causal on 1-d", lambda b: ops.softmax(_x(8), causal=True, backend=b), ValueError, "causal"),
+    ("cross_entropy float target", lambda b: ops.cross_entropy(_x(4, 10), _x(4), backend=b), TypeError, "target"),
+    ("cross_entropy target shape", lambda b: ops.cross_entropy(_x(4, 10), _t(5), backend=b), ValueError, "target"),
+    ("cross_entropy reduction", lambda b: ops.cross_entropy(_x(4, 10), _t(4), reduction="avg", backend=b),
+     ValueError, "reduction"),
+    ("cross_entropy ignore_index", lambda b: ops.cross_entropy(_x(4, 10), _t(4), ignore_index=1.5, backend=b),
+     TypeError, "ignore_index"),
+    ("cross_entropy empty vocab", lambda b: ops.cross_entropy(_x(4, 0), _t(4), backend=b), ValueError, "logits"),
 ]
 
 
@@ -89,7 +89,7 @@ BAD_INPUTS = [
 def test_bad_inputs_name_the_argument(case, backend):
     _, call, exc, name = case
     with pytest.raises(exc, match=rf"^{name}: .*(expected|got|must)"):
-        call()
+        call(backend)
 
 
 @pytest.mark.parametrize("call", [
@@ -175,9 +175,26 @@ def test_reference_matches_torch_functional_in_float64():
         want = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                               is_causal=causal, enable_gqa=True).transpose(1, 2)
         torch.testing.assert_close(reference.flash_attention(q, k, v, causal=causal), want)
+    # S_q < S_k (decoding against a cache): causal aligned bottom-right, query i at key position i + 12
+    q_tail = q[:, -4:]
+    keep = torch.ones(4, 16, dtype=torch.bool, device=DEVICE).tril(diagonal=12)
+    want = F.scaled_dot_product_attention(q_tail.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                          attn_mask=keep, enable_gqa=True).transpose(1, 2)
+    torch.testing.assert_close(reference.flash_attention(q_tail, k, v, causal=True), want)
     # prefix-LM: the first 5 positions see each other both ways, the rest is causal
     keep = torch.ones(16, 16, dtype=torch.bool, device=DEVICE).tril()
     keep[:5, :5] = True
     want = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                           attn_mask=keep, enable_gqa=True).transpose(1, 2)
     torch.testing.assert_close(reference.flash_attention(q, k, v, prefix_len=5), want)
+
+
+@pytest.mark.parametrize("backend", ["torch"] + [b for b in ops.available_backends(DEVICE) if b != "torch"])
+def test_softmax_empty_input_backprops_and_the_mask_is_a_constant(backend):
+    x = torch.randn(0, 4, device=DEVICE, requires_grad=True)
+    ops.softmax(x, backend=backend).sum().backward()
+    assert x.grad is not None and x.grad.shape == (0, 4)
+    x = torch.randn(3, 4, device=DEVICE, requires_grad=True)
+    mask = torch.randn(3, 4, device=DEVICE, requires_grad=True)
+    (ops.softmax(x, mask=mask, backend=backend) * torch.randn(3, 4, device=DEVICE)).sum().backward()
+    assert x.grad.abs().sum() > 0 and mask.grad is None

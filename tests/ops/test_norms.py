@@ -93,6 +93,36 @@ def test_norm_mixed_precision_weight(backend):
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
+@pytest.mark.parametrize("kind", ["layer", "rms"])
+def test_norm_strided_and_expanded_params(kind, backend):
+    """weight/bias that are views (every other element, or one value expanded) are read as such."""
+    n = 48
+    x = torch.randn(5, n, device=DEVICE)
+    base_w = (1 + 0.5 * torch.randn(2 * n, device=DEVICE)).requires_grad_()
+    base_b = torch.randn(1, device=DEVICE).requires_grad_()
+    dy = torch.randn(5, n, device=DEVICE)
+
+    def run(fn, dt):
+        w, b = base_w.detach().to(dt).requires_grad_(), base_b.detach().to(dt).requires_grad_()
+        xs = x.to(dt)
+        y = fn(xs, w[::2], b.expand(n)) if kind == "layer" else fn(xs, w[::2], None)
+        y.backward(dy.to(dt))
+        return y, w.grad, (b.grad if kind == "layer" else None)
+
+    if kind == "layer":
+        kernel = lambda x, w, b: ops.layer_norm(x, w, b, backend=backend)  # noqa: E731
+        ref = lambda x, w, b: reference.layer_norm(x, w, b, 1e-5)  # noqa: E731
+    else:
+        kernel = lambda x, w, b: ops.rms_norm(x, w, backend=backend)  # noqa: E731
+        ref = lambda x, w, b: reference.rms_norm(x, w, 1e-6)  # noqa: E731
+    got, truth, lowp = run(kernel, torch.float32), run(ref, torch.float64), run(ref, torch.float32)
+    for name, a, b, c in zip(("y", "dweight", "dbias"), got, truth, lowp):
+        if a is not None:
+            assert_close_to_truth(f"{kind} {name}", a, b, c)
+    assert got[1][1::2].abs().max() == 0  # the skipped elements get no gradient
+
+
+@pytest.mark.parametrize("backend", kernel_backends())
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(rows=st.integers(1, 6), cols=st.integers(1, 300), kind=st.sampled_from(["layer", "rms"]),
        residual=st.booleans(), lead=st.integers(0, 2))
