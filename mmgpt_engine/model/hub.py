@@ -22,15 +22,26 @@ CONFIG_NAME = "config.json"
 
 
 def save_pretrained(model, directory, tokenizer=None) -> None:
+    """Each file is written under a temporary name and renamed into place, the weights last: a
+    crash mid-save leaves the folder's previous files whole (never a truncated model.safetensors)."""
     from safetensors.torch import save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
-    model.config.to_json(directory / CONFIG_NAME)
+    _write_then_rename(directory / CONFIG_NAME, model.config.to_json)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
+    _write_then_rename(directory / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+
+
+def _write_then_rename(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def find_pretrained_dir(directory) -> Path:

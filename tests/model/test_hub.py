@@ -91,6 +91,27 @@ def test_save_and_load_round_trip(tmp_path, overrides):
     assert get_tokenizer(tmp_path / "export").encode("a red circle") == tok.encode("a red circle")
 
 
+def test_a_save_cut_short_leaves_the_previous_export_whole(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    cfg = ModelConfig.from_preset("tiny", n_layer=1)
+    old, new = MultimodalGPT(cfg), MultimodalGPT(cfg)
+    old.save_pretrained(tmp_path / "export")
+
+    def dies_midway(state, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"\x00" * 1000)  # a partial file, then the process "dies"
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", dies_midway)
+    with pytest.raises(OSError, match="No space left"):
+        new.save_pretrained(tmp_path / "export")
+    monkeypatch.undo()
+    assert sorted(os.listdir(tmp_path / "export")) == ["config.json", "model.safetensors"]
+    loaded = MultimodalGPT.from_pretrained(tmp_path / "export")
+    torch.testing.assert_close(loaded.wte.weight, old.wte.weight, rtol=0, atol=0)
+
+
 def test_from_pretrained_finds_the_newest_export_in_a_run_folder(tmp_path):
     cfg = ModelConfig.from_preset("tiny", n_layer=1)
     old, new = MultimodalGPT(cfg), MultimodalGPT(cfg)
