@@ -65,7 +65,7 @@ def test_stage0_trains_and_logs_every_step(runs):
     first, last = records[0]["loss"], records[-1]["loss"]
     assert last < first - 1.0, f"the loss did not fall: {first:.3f} -> {last:.3f}"
     assert records[-1]["val_loss"] > 0 and records[-1]["val_loss_other_images"] > 0
-    assert 0.0 <= records[-1]["caption_acc"] <= 1.0
+    assert isinstance(records[-1]["caption_acc"], float) and 0.0 <= records[-1]["caption_acc"] <= 1.0  # reported
     assert (out / "loss_curve.png").stat().st_size > 1000
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     # the shipped config's "auto" values were filled for 2 ranks
