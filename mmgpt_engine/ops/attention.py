@@ -78,22 +78,27 @@ _cuda_fallback_logged: set = set()
 
 
 def _kernel_backend(chosen: str, q: Tensor) -> str:
-    """cuda -> triton for head dims the cuda kernels are not built for (logged once per head dim)."""
+    """cuda -> triton for the dtypes / head dims the cuda kernels are not built for (float32, head
+    dims outside FLASH_HEAD_DIMS; logged once per case), or an error naming q when triton cannot run."""
     if chosen != "cuda":
         return chosen
     from . import cuda as cuda_backend
 
     head_dims = tuple(getattr(cuda_backend, "FLASH_HEAD_DIMS", ()))
+    dtypes = tuple(getattr(cuda_backend, "FLASH_DTYPES", ()))
     d = q.shape[-1]
-    if d in head_dims:
+    if d in head_dims and q.dtype in dtypes:
         return chosen
+    dtype = str(q.dtype).replace("torch.", "")
+    built = f"head dims {head_dims} in {[str(t).replace('torch.', '') for t in dtypes]}"
     reason = unavailable_reason("triton", q.device)
     if reason is not None:
-        raise ValueError(f"q: the cuda flash attention supports head dims {head_dims}, got {d}, and the triton "
-                         f"fallback is unavailable: {reason}")
-    if d not in _cuda_fallback_logged:
-        _cuda_fallback_logged.add(d)
-        logger.warning("flash_attention: the cuda backend supports head dims %s, got %d; using triton", head_dims, d)
+        raise ValueError(f"q: the cuda flash attention is built for {built}, got head dim {d} in {dtype}, and the "
+                         f"triton fallback is unavailable: {reason}")
+    if (d, q.dtype) not in _cuda_fallback_logged:
+        _cuda_fallback_logged.add((d, q.dtype))
+        logger.warning("flash_attention: the cuda backend is built for %s, got head dim %d in %s; using triton",
+                       built, d, dtype)
     return "triton"
 
 

@@ -238,13 +238,20 @@ def test_cuda_backend_falls_back_to_triton_for_unsupported_head_dims(monkeypatch
         pytest.skip("triton is not available here")
     monkeypatch.setattr(cuda_backend, "FLASH_HEAD_DIMS", (64, 128), raising=False)
     monkeypatch.setattr(attention, "_cuda_fallback_logged", set())
-    q = torch.randn(1, 4, 2, 80, device=DEVICE)
+    q = torch.randn(1, 4, 2, 80, device=DEVICE, dtype=torch.float16)
     with caplog.at_level(logging.INFO, logger=attention.__name__):
         assert attention._kernel_backend("cuda", q) == "triton"
         assert attention._kernel_backend("cuda", q) == "triton"
-    assert sum("head dims" in r.getMessage() for r in caplog.records) == 1  # logged once
+    assert sum("head dim" in r.getMessage() for r in caplog.records) == 1  # logged once
     assert attention._kernel_backend("cuda", q[..., :64].contiguous()) == "cuda"
+    assert attention._kernel_backend("cuda", q[..., :64].float()) == "triton"  # float32: not built for it
     assert attention._kernel_backend("triton", q) == "triton"
+    if DEVICE == "cpu":  # where triton cannot run, the error names q and says why
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(ValueError, match=r"^q: the cuda flash attention is built for head dims \(64, 128\) "
+                                             r"in \['float16', 'bfloat16'\], got head dim 80 in float16, and the "
+                                             r"triton fallback is unavailable: .*TRITON_INTERPRET"):
+            attention._kernel_backend("cuda", q)
 
 
 # ------------------------------------------------------------------------------------ bad input
