@@ -267,25 +267,28 @@ class CheckpointManager:
         dist.all_gather_object(states, rng_state())
         tag = f"global_step{step}"
         tag_dir = self.ckpt_dir / tag
-        if rank == 0:
+        from .faults import arm_kill_during_save, on_rank0
+
+        def prepare():
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
             # an earlier attempt at this tag may have completed; its marker must not vouch for the
             # files being overwritten now
             (tag_dir / MARKER).unlink(missing_ok=True)
-        dist.barrier()
-        state = dict(client_state, step=step, rng=states, world_size=world)
-        from .faults import arm_kill_during_save
 
+        on_rank0(prepare, f"preparing checkpoint {tag}", CheckpointError)
+        state = dict(client_state, step=step, rng=states, world_size=world)
         arm_kill_during_save(engine, step, rank)  # tests only (MMGPT_FAULT)
         engine.save_checkpoint(str(self.ckpt_dir), tag=tag, client_state=state, save_latest=False)
         dist.barrier()  # every rank's files are written (save_checkpoint's own barrier precedes its return)
-        if rank == 0:
-            meta = {"step": step, "world_size": world, "zero_stage": int(engine.zero_optimization_stage()),
-                    "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **self.meta}
+        meta = {"step": step, "world_size": world, "zero_stage": int(engine.zero_optimization_stage()),
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **self.meta}
+
+        def mark_complete():
             _write_atomic(tag_dir / MARKER, json.dumps(meta, indent=1) + "\n")
             _write_atomic(self.ckpt_dir / LATEST, tag)
             self._prune(tag)
-        dist.barrier()
+
+        on_rank0(mark_complete, f"completing checkpoint {tag}", CheckpointError)
         self.last_saved_step = step
         return tag_dir
 

@@ -129,3 +129,24 @@ def arm_kill_during_save(engine, step: int, rank: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
     writer.save = save_then_die
+
+
+def on_rank0(fn, what: str, error_type: type = RuntimeError):
+    """Run `fn` on rank 0 only (writing a marker, exporting) and share its outcome: a failure there
+    (a full disk, a missing tensor) reaches every rank as an error at once, instead of leaving the
+    other ranks waiting in the next collective until the process group's timeout. Collective."""
+    import deepspeed.comm as dist
+
+    result, error = None, None
+    if dist.get_rank() == 0:
+        try:
+            result = fn()
+        except Exception as e:  # shared below, then re-raised on rank 0 as itself
+            error = e
+    outcome = [None if error is None else f"{type(error).__name__}: {error}"]
+    dist.broadcast_object_list(outcome, src=0)
+    if error is not None:
+        raise error
+    if outcome[0] is not None:
+        raise error_type(f"{what} failed on rank 0: {outcome[0]}")
+    return result

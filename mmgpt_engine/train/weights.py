@@ -139,8 +139,11 @@ def export_pretrained(engine, model_config, directory: Path, tokenizer=None, bac
 
     from ..model.gpt import MultimodalGPT
 
+    from .faults import on_rank0
+
     state = full_fp32_state_dict(engine)
-    if dist.get_rank() == 0:
+
+    def save():
         model = MultimodalGPT(model_config.replace(gradient_checkpointing=False), backend=backend)
         own = model.state_dict()
         missing = sorted(set(own) - set(state))
@@ -148,5 +151,6 @@ def export_pretrained(engine, model_config, directory: Path, tokenizer=None, bac
             raise RuntimeError(f"export: the engine has no values for {missing}")
         model.load_state_dict({k: state[k] for k in own}, strict=True)
         model.save_pretrained(directory, tokenizer=tokenizer)
-    dist.barrier()
+
+    on_rank0(save, f"export to {str(directory)!r}")
     return Path(directory) if dist.get_rank() == 0 else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import socket
 from types import SimpleNamespace
@@ -282,3 +283,47 @@ def test_model_loss_with_every_label_ignored_is_zero_with_zero_gradient():
     out.loss.backward()
     assert out.loss.item() == 0.0
     assert all(p.grad is None or not p.grad.any() for p in model.parameters())
+
+
+def _on_rank0_worker(rank: int, port: int, results) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank), DS_ACCELERATOR="cpu")
+    import deepspeed
+
+    from mmgpt_engine.train.faults import on_rank0
+
+    deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    outcome = [on_rank0(lambda: 42, "a step that works")]
+
+    def disk_full():
+        raise OSError("No space left on device")
+
+    try:
+        on_rank0(disk_full, "completing checkpoint global_step4", CheckpointError)
+        outcome.append("returned")
+    except Exception as e:
+        outcome.append(f"{type(e).__name__}: {e}")
+    results.put((rank, outcome))
+
+
+def test_a_failure_on_rank0_alone_reaches_every_rank():
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [ctx.Process(target=_on_rank0_worker, args=(r, port, results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        got = dict(results.get(timeout=120) for _ in procs)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    assert got[0] == [42, "OSError: No space left on device"]
+    assert got[1] == [None, "CheckpointError: completing checkpoint global_step4 failed on rank 0: "
+                            "OSError: No space left on device"]
