@@ -139,6 +139,14 @@ def _check_attention_inputs(q, k, v, causal, prefix_len, cu_seqlens, max_seqlen,
             raise ValueError(f"k: with cu_seqlens expected the same packed length as q ({s_q}), got {s_k}")
         if cu_seqlens.numel() < 2:
             raise ValueError(f"cu_seqlens: expected at least 2 entries [0, ..., total], got {cu_seqlens.numel()}")
+        if torch.compiler.is_compiling():
+            # the checks below read the offsets' values, which a traced graph does not have
+            if max_seqlen is None:
+                raise ValueError("max_seqlen: expected an int with cu_seqlens under torch.compile (the longest "
+                                 "length cannot be read from cu_seqlens while tracing), got None")
+            if prefix_len is not None and not isinstance(prefix_len, (int, torch.Tensor)):
+                raise TypeError(f"prefix_len: expected an int, an int tensor or None, got {type(prefix_len).__name__}")
+            return float(softmax_scale), max_seqlen
         bounds = cu_seqlens.tolist()
         if bounds[0] != 0 or bounds[-1] != s_q:
             raise ValueError(f"cu_seqlens: expected to start at 0 and end at the packed length {s_q}, "

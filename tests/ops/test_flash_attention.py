@@ -197,11 +197,13 @@ def test_flash_attention_return_lse_false_and_lse_not_differentiable(backend):
 
 
 @pytest.mark.parametrize("backend", kernel_backends())
-def test_flash_attention_torch_compile_fullgraph(backend):
-    q0, k0, v0 = _make(2, 33, 33, 4, 2, 32)
+@pytest.mark.parametrize("varlen", [False, True])
+def test_flash_attention_torch_compile_fullgraph(backend, varlen):
+    q0, k0, v0 = _make(1 if varlen else 2, 33, 33, 4, 2, 32)
+    packed = dict(cu_seqlens=_cu([9, 24]), max_seqlen=24) if varlen else {}
 
     def f(q, k, v):
-        out, lse = ops.flash_attention(q, k, v, prefix_len=5, return_lse=True, backend=backend)
+        out, lse = ops.flash_attention(q, k, v, prefix_len=5, return_lse=True, backend=backend, **packed)
         return (out.float() ** 2).sum() + lse.sum()
 
     grads = []
