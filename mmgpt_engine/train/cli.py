@@ -111,6 +111,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     finally:
         stop.restore()
+        release_shm_workspace()
+
+
+def release_shm_workspace() -> None:
+    """On CPU ranks DeepSpeed's shared-memory allreduce creates /dev/shm/deepspeed_allreduce_buffer_
+    <uid>_<master addr>_<master port>_<rank> (~66 MB per rank) and never unlinks it, so every run
+    would leave its buffers in RAM until /dev/shm fills. Each rank removes its own at exit (the other
+    ranks' mappings of it stay valid until they exit)."""
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if addr and port:
+        rank = os.environ.get("RANK", "0")
+        Path("/dev/shm", f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}").unlink(missing_ok=True)
 
 
 def run(argv: Optional[Sequence[str]], stop: StopSignal) -> int:

@@ -35,18 +35,26 @@ def cpu_env() -> dict:
     return env
 
 
-def launcher_cmd(args, ranks: int = 2) -> list[str]:
+def launcher_cmd(args, ranks: int = 2, port: int | None = None) -> list[str]:
     return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks), "--master_port",
-            str(free_port()), "--module", "mmgpt_engine.train", *map(str, args)]
+            str(port or free_port()), "--module", "mmgpt_engine.train", *map(str, args)]
+
+
+def shm_leftovers(port: int) -> list[str]:
+    """DeepSpeed's CPU allreduce buffers in /dev/shm for the run on `port` (its ranks remove them at exit)."""
+    return sorted(p.name for p in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
 
 
 def launch(args, ranks: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run to completion; fail with the output tail when the launch fails."""
-    proc = subprocess.run(launcher_cmd(args, ranks), cwd=REPO, env=cpu_env(), capture_output=True, text=True,
+    """Run to completion; fail with the output tail when the launch fails, or when the run left its
+    shared-memory buffers behind."""
+    port = free_port()
+    proc = subprocess.run(launcher_cmd(args, ranks, port), cwd=REPO, env=cpu_env(), capture_output=True, text=True,
                           timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"launch failed ({proc.returncode}): {' '.join(map(str, args))}\n"
                              f"{(proc.stdout + proc.stderr)[-6000:]}")
+    assert not shm_leftovers(port), f"the run left {shm_leftovers(port)} in /dev/shm"
     return proc
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from .launch import QUICK_RUN, REPO, SMALL_MODEL, cpu_env, launch, launcher_cmd, metrics
+from .launch import QUICK_RUN, REPO, SMALL_MODEL, cpu_env, free_port, launch, launcher_cmd, metrics, shm_leftovers
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("train_signal")]
 
@@ -45,10 +45,12 @@ def _latest(out: Path) -> tuple[str, dict]:
 
 def test_sigterm_to_the_launched_job_saves_and_the_run_resumes(tmp_path):
     out = tmp_path / "run"
-    proc = _start(launcher_cmd(["--output_dir", out, *LONG_RUN]), out)
+    port = free_port()
+    proc = _start(launcher_cmd(["--output_dir", out, *LONG_RUN], port=port), out)
     _wait_for_step(proc, out, 3)
     os.killpg(proc.pid, signal.SIGTERM)          # launcher and ranks alike, as a scheduler does
     text, _ = proc.communicate(timeout=120)
+    assert not shm_leftovers(port), f"the stopped ranks left {shm_leftovers(port)} in /dev/shm"
     tag, meta = _latest(out)
     stopped_at = meta["step"]
     assert f"SIGTERM received: saved the checkpoint at step {stopped_at}" in text, text[-4000:]

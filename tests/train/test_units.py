@@ -17,6 +17,8 @@ from mmgpt_engine.train.batches import MapBatches, StallWatchdog, StreamSampler
 from mmgpt_engine.train.checkpoint import CheckpointError, _run_converter, find_resume, resume_plan
 from mmgpt_engine.train.faults import NonFiniteGuard, NonFiniteLossError, StopSignal
 
+from .launch import shm_leftovers
+
 
 # ------------------------------------------------------------------------ the sample stream
 def _take(sampler, k):
@@ -324,6 +326,8 @@ def test_a_failure_on_rank0_alone_reaches_every_rank():
             p.join(timeout=30)
             if p.is_alive():
                 p.kill()
+        for name in shm_leftovers(port):  # these bare ranks do not go through the trainer's exit
+            os.unlink(f"/dev/shm/{name}")
     assert got[0] == [42, "OSError: No space left on device"]
     assert got[1] == [None, "CheckpointError: completing checkpoint global_step4 failed on rank 0: "
                             "OSError: No space left on device"]

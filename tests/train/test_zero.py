@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 
-from .launch import QUICK_RUN, REPO, SMALL_MODEL, cpu_env, launch, launcher_cmd, losses, metrics, single
+from .launch import (QUICK_RUN, REPO, SMALL_MODEL, cpu_env, free_port, launch, launcher_cmd, losses, metrics,
+                     shm_leftovers, single)
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("train_zero")]
 
@@ -148,7 +150,11 @@ def test_kill_during_save_resumes_from_the_previous_complete_checkpoint(runs, tm
     args = ["--deepspeed_config", REPO / "configs" / "ds_zero2.json", "--output_dir", out, "--max_steps", STEPS,
             "--save_steps", 2, "--eval_steps", 0, *SMALL_MODEL, *QUICK_RUN]
     env = dict(cpu_env(), MMGPT_FAULT="kill_during_save:4:1")
-    proc = subprocess.run(launcher_cmd(args), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    port = free_port()
+    proc = subprocess.run(launcher_cmd(args, port=port), cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    for name in shm_leftovers(port):  # a killed rank cannot remove its shared-memory buffer
+        (Path("/dev/shm") / name).unlink(missing_ok=True)
     text = proc.stdout + proc.stderr
     assert proc.returncode != 0, text[-3000:]
     assert "rank 1 killed while writing" in text, text[-3000:]
