@@ -54,7 +54,7 @@ template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) flash_bwd_dkdv_kernel(const FlashParams p) {
   constexpr int BM = dkdv_block_m<D>();
   constexpr int P = Tile<D>::kPitch;
-  constexpr int KD = D / 16, DT = D / 8, NT = BM / 8;
+  constexpr int DT = D / 8, NT = BM / 8;
   MMGPT_DYNAMIC_SMEM(unsigned char, smem_raw);
   T* sK = reinterpret_cast<T*>(smem_raw);
   T* sV = sK + kBlockKeys * P;
@@ -121,22 +121,7 @@ __global__ void __launch_bounds__(kThreads) flash_bwd_dkdv_kernel(const FlashPar
 
     // S^T = K Q^T for this warp's 16 keys (rows) x BM queries (columns)
     float s[NT][4];
-#pragma unroll
-    for (int t = 0; t < NT; ++t)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[t][e] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < KD; ++kk) {
-      uint32_t ka[4];
-      load_a<D>(ka, sK, warp * 16, kk * 16);
-#pragma unroll
-      for (int np = 0; np < NT / 2; ++np) {
-        uint32_t bf[4];
-        load_b_nk<D>(bf, tQ, np * 16, kk * 16);
-        Mma<T>::run(s[2 * np], ka, bf[0], bf[1]);
-        Mma<T>::run(s[2 * np + 1], ka, bf[2], bf[3]);
-      }
-    }
+    mma_strip_times_nk<T, D>(s, sK, warp * 16, tQ);
     // P^T = exp(scale * S^T - lse[query])
     const bool masked = seq.needs_mask(m0, n0, kBlockKeys);
 #pragma unroll
@@ -152,22 +137,7 @@ __global__ void __launch_bounds__(kThreads) flash_bwd_dkdv_kernel(const FlashPar
     mma_acc_frag_kn<T, D>(dv, s, tdO);
     // dP^T = V dO^T, then dS^T = P^T * (dP^T - delta[query]) in place
     float ds[NT][4];
-#pragma unroll
-    for (int t = 0; t < NT; ++t)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) ds[t][e] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < KD; ++kk) {
-      uint32_t va[4];
-      load_a<D>(va, sV, warp * 16, kk * 16);
-#pragma unroll
-      for (int np = 0; np < NT / 2; ++np) {
-        uint32_t bf[4];
-        load_b_nk<D>(bf, tdO, np * 16, kk * 16);
-        Mma<T>::run(ds[2 * np], va, bf[0], bf[1]);
-        Mma<T>::run(ds[2 * np + 1], va, bf[2], bf[3]);
-      }
-    }
+    mma_strip_times_nk<T, D>(ds, sV, warp * 16, tdO);
 #pragma unroll
     for (int t = 0; t < NT; ++t)
 #pragma unroll

@@ -174,6 +174,28 @@ __device__ __forceinline__ void load_b_kn(uint32_t (&b)[4], const T* tile, int k
   ldmatrix_x4_trans(b, tile + (k0 + (lane & 7) + ((lane >> 3) & 1) * 8) * Tile<D>::kPitch + n0 + (lane >> 4) * 8);
 }
 
+// C = A B^T for this warp's 16-row strip of A (rows row0.., a row-major 16-bit tile with D columns)
+// and the NT*8 rows of `b` (stored as is, B^T's rows): S^T = K Q^T, dP^T = V dO^T.
+template <typename T, int D, int NT>
+__device__ __forceinline__ void mma_strip_times_nk(float (&c)[NT][4], const T* a, int row0, const T* b) {
+#pragma unroll
+  for (int t = 0; t < NT; ++t)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) c[t][e] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t af[4];
+    load_a<D>(af, a, row0, kk * 16);
+#pragma unroll
+    for (int np = 0; np < NT / 2; ++np) {
+      uint32_t bf[4];
+      load_b_nk<D>(bf, b, np * 16, kk * 16);
+      Mma<T>::run(c[2 * np], af, bf[0], bf[1]);
+      Mma<T>::run(c[2 * np + 1], af, bf[2], bf[3]);
+    }
+  }
+}
+
 // acc (this warp's 16 x D) += C (16 x 8*NT, the float accumulators of an earlier product, rounded
 // to T as the A operand) times the NT*8 x D tile stored as is (P V, dS K, P^T dO, dS^T Q).
 template <typename T, int D, int NT, int DT>
