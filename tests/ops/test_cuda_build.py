@@ -77,6 +77,24 @@ def _embedded_archs(library: Path) -> set:
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("cuda_build")
+def test_attention_kernels_do_not_spill_and_the_rest_barely(built_extension):
+    """Registers and stack per thread from the cubins (cuobjdump): the tensor-core attention kernels
+    keep everything in registers on sm_80 and sm_90; the memory-bound ones may park a few bytes
+    (8-24 at the time of writing, in the widest register-resident norm rows)."""
+    from benchmarks.resources import cuda_kernels
+
+    rows = cuda_kernels(Path(built_extension.__file__))
+    for arch in ("sm_80", "sm_90"):
+        flash = [r for r in rows if r.arch == arch and r.kernel.startswith("flash_")]
+        assert len(flash) >= 4 * len(cuda.FLASH_HEAD_DIMS), f"{arch}: attention kernels missing: {flash}"
+        assert all(r.stack == 0 for r in flash), [(r.kernel, r.stack) for r in flash if r.stack]
+        others = [r for r in rows if r.arch == arch and not r.kernel.startswith("flash_")]
+        assert len(others) >= 10
+        assert all(r.stack <= 64 for r in others), [(r.kernel, r.stack) for r in others if r.stack > 64]
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("cuda_build")
 def test_extension_rejects_cpu_tensors_with_the_argument_name(built_extension):
     """The binding layer guards its contract before touching a device (runs without a GPU)."""
     x = torch.randn(4, 8)

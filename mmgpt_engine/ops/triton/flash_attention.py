@@ -372,29 +372,36 @@ def attention_bwd_dq_kernel(
 
 # ------------------------------------------------------------------------------ configs + launch
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). Hopper has 228 KB of shared memory per SM and wgmma
-# wants 128-row tiles with 8 warps; Ampere (164 KB on A100) favours 4-warp 128x64 tiles. The lists
-# were compiled offline for sm_90/sm_80 (ptxas register and spill report) so each head dim up to 256
-# keeps at least one config that does not spill; autotuning picks among the survivors of `_pruner`.
+# wants 128-row tiles with 8 warps; Ampere (164 KB on A100) takes smaller tiles. Chosen from what
+# `python -m benchmarks.resources --head-dims 32,64,128,256` reports (Triton 3.8 and 3.6, no GPU):
+# every head dim up to 256 keeps, after `_pruner`, at least one config that compiles without
+# register spills for sm_80 and for sm_90 (tests/ops/test_triton_compile.py checks 64, 128, 256);
+# among the survivors the autotuner measures. The small last entries are the head-dim-256 ones.
 _FWD_CONFIGS = {
     "hopper": [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 4, 3), (128, 32, 8, 3),
-               (64, 64, 4, 3), (64, 64, 8, 2), (64, 32, 8, 2)],
-    "ampere": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (128, 32, 8, 3), (64, 64, 4, 3),
-               (64, 32, 4, 2), (64, 32, 8, 2)],
+               (64, 64, 4, 3), (64, 64, 8, 2), (64, 32, 8, 2), (64, 16, 8, 2)],
+    "ampere": [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (64, 32, 8, 2), (64, 16, 8, 2)],
 }
 # dK/dV: a tall key tile (BLOCK_N) stays in registers while short query blocks stream past.
 _DKDV_CONFIGS = {
     "hopper": [(32, 128, 8, 3), (32, 128, 8, 2), (16, 128, 8, 3), (32, 64, 8, 3), (64, 64, 8, 2), (16, 64, 8, 3),
-               (32, 64, 4, 3), (32, 32, 8, 2)],
-    "ampere": [(32, 128, 8, 2), (16, 64, 8, 3), (32, 64, 8, 2), (32, 64, 4, 3), (64, 64, 8, 2), (32, 32, 8, 2)],
+               (32, 64, 4, 3), (32, 32, 8, 2), (16, 32, 8, 2)],
+    "ampere": [(32, 128, 8, 2), (16, 64, 8, 3), (32, 64, 8, 2), (32, 64, 4, 3), (32, 32, 8, 2), (16, 32, 8, 1)],
 }
 # dQ: the mirror image, a tall query block with short key tiles streaming past.
 _DQ_CONFIGS = {
-    "hopper": [(128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 8, 3), (64, 32, 4, 3)],
-    "ampere": [(128, 32, 8, 3), (64, 64, 4, 2), (64, 32, 8, 3), (64, 32, 4, 2)],
+    "hopper": [(128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 8, 3), (64, 32, 4, 3), (32, 32, 8, 2)],
+    "ampere": [(128, 32, 8, 3), (64, 64, 4, 2), (64, 32, 8, 3), (64, 32, 4, 2), (32, 16, 8, 2)],
 }
 # Pinned under TRITON_INTERPRET=1: BLOCK_M != BLOCK_N so the tests exercise unequal tile edges.
 _INTERPRETED = {"fwd": (64, 32), "dkdv": (32, 64), "dq": (64, 32)}
 DELTA_BLOCK_M = 64
+
+
+# Opt-in shared memory per block (bytes) where the device cannot be asked: A100, H100/H200.
+SMEM_LIMIT = {"ampere": 163 * 1024, "hopper": 227 * 1024}
+SMEM_SCRATCH = 2048  # beyond the operand tiles (cross-warp reductions, barriers): up to 512 B seen
+CONFIG_TABLES = {"fwd": _FWD_CONFIGS, "dkdv": _DKDV_CONFIGS, "dq": _DQ_CONFIGS}
 
 
 def _arch() -> str:
@@ -403,49 +410,65 @@ def _arch() -> str:
     return "ampere"
 
 
-def _configs(kind: str, table: dict) -> list:
+def _configs(kind: str) -> list:
     if triton_interpreted():
         bm, bn = _INTERPRETED[kind]
         return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in table[_arch()]]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for bm, bn, w, s in CONFIG_TABLES[kind][_arch()]]
 
 
 @functools.lru_cache(maxsize=None)
 def _smem_limit() -> int:
     if not torch.cuda.is_available():
-        return 164 * 1024
+        return SMEM_LIMIT[_arch()]
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
-    return getattr(props, "shared_memory_per_block_optin", 164 * 1024)
+    return getattr(props, "shared_memory_per_block_optin", SMEM_LIMIT[_arch()])
+
+
+def smem_estimate(kind: str, block_m: int, block_n: int, num_stages: int, block_d: int, elt: int) -> int:
+    """Bytes of shared memory a config needs at most: the pipelined operand tiles, the tiles held
+    for the whole program, and a reduction scratch (an upper bound on what Triton 3.8 allocates
+    for these kernels; `python -m benchmarks.resources` compares). One stage allocates as much as two."""
+    stages = max(num_stages, 2)
+    if kind == "fwd":
+        tiles = stages * 2 * block_n * block_d + block_m * block_d
+    elif kind == "dkdv":
+        tiles = stages * 2 * block_m * block_d + 2 * block_n * block_d
+    else:
+        tiles = stages * 2 * block_n * block_d + 2 * block_m * block_d
+    return tiles * elt + SMEM_SCRATCH
+
+
+def config_fits(kind: str, block_m: int, block_n: int, num_warps: int, num_stages: int, block_d: int,
+                elt: int, smem_limit: int) -> bool:
+    """Whether a config can fit: `smem_estimate` within the limit, and the fp32 accumulators in at
+    most 64 registers a thread for 16-bit inputs, 32 for float32 ones (the operand tiles held in
+    registers beside them grow with the element size, and float32's IEEE dots run on the CUDA
+    cores with the score tile in registers too; past that the offline compiles spilled)."""
+    acc = (2 * block_n if kind == "dkdv" else block_m) * block_d
+    if elt >= 4:
+        acc += block_m * block_n
+    return (smem_estimate(kind, block_m, block_n, num_stages, block_d, elt) <= smem_limit
+            and acc * elt <= 128 * 32 * num_warps)
 
 
 def _pruner(kind: str):
-    """Drop configs that cannot fit: the pipelined operand tiles in shared memory, and the fp32
-    accumulators in at most 64 registers a thread (with the operand tiles also held in registers,
-    more than that spilled in the offline sm_90 compiles)."""
+    """Drop configs that `config_fits` rules out (keeping the smallest tile if none is left)."""
     def prune(configs, named_args, **kwargs):
-        bd = kwargs["BLOCK_D"]
-        elt = named_args["Q"].element_size()
-        kept = []
-        for c in configs:
-            bm, bn, w, s = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, max(c.num_stages, 1)
-            if kind == "fwd":
-                smem, acc = s * 2 * bn * bd * elt + bm * bd * elt, bm * bd
-            elif kind == "dkdv":
-                smem, acc = s * 2 * bm * bd * elt + 2 * bn * bd * elt, 2 * bn * bd
-            else:
-                smem, acc = s * 2 * bn * bd * elt + 2 * bm * bd * elt, bm * bd
-            if smem <= _smem_limit() and acc <= 64 * 32 * w:
-                kept.append(c)
+        bd, elt = kwargs["BLOCK_D"], named_args["Q"].element_size()
+        kept = [c for c in configs if config_fits(kind, c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps,
+                                                  c.num_stages, bd, elt, _smem_limit())]
         return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
     return prune
 
 
 _KEY = ["HEAD_DIM", "CAUSAL", "HAS_PREFIX", "IS_VARLEN", "seq_bucket"]
-_fwd = triton.autotune(_configs("fwd", _FWD_CONFIGS), key=_KEY,
+_fwd = triton.autotune(_configs("fwd"), key=_KEY,
                        prune_configs_by={"early_config_prune": _pruner("fwd")})(attention_fwd_kernel)
-_dkdv = triton.autotune(_configs("dkdv", _DKDV_CONFIGS), key=_KEY,
+_dkdv = triton.autotune(_configs("dkdv"), key=_KEY,
                         prune_configs_by={"early_config_prune": _pruner("dkdv")})(attention_bwd_dkdv_kernel)
-_dq = triton.autotune(_configs("dq", _DQ_CONFIGS), key=_KEY,
+_dq = triton.autotune(_configs("dq"), key=_KEY,
                       prune_configs_by={"early_config_prune": _pruner("dq")})(attention_bwd_dq_kernel)
 
 
