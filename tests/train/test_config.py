@@ -182,8 +182,10 @@ def nothing_heavy(monkeypatch):
 
     monkeypatch.setattr(deepspeed, "init_distributed", forbidden)
     monkeypatch.setattr(weights, "build_model", forbidden)
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(key, raising=False)
+    # absent, and restored after the test: a run in this process sets them for its world of one
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
 
 
 def _fails(argv, capsys, match):

@@ -160,14 +160,28 @@ def one_rank_group():
     import deepspeed
     import torch.distributed as tdist
 
+    from mmgpt_engine.train.cli import release_shm_workspace
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    # this process's own world of one (an earlier in-process test may have left other values), so
+    # DeepSpeed's CPU shared-memory buffer gets a name that is removed again below
+    names = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_SIZE")
+    saved = {k: os.environ.get(k) for k in names}
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
     if not tdist.is_initialized():
         tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     yield
     tdist.destroy_process_group()
+    release_shm_workspace()
+    assert not shm_leftovers(port)
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 class _Engine:
