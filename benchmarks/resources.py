@@ -47,6 +47,8 @@ class Resources:
     variant: dict = field(default_factory=dict)
     kept: Optional[bool] = None  # attention configs: whether the autotuner's pruner keeps it
     compile_s: float = 0.0
+    async_copies: int = 0  # Triton: loads issued asynchronously (cp.async / TMA), i.e. pipelined
+    wgmma: bool = False  # Triton on sm_90: dots on Hopper's warpgroup MMA
 
     @property
     def spills(self) -> bool:
@@ -113,15 +115,27 @@ def _signature(kernel, constexprs: dict, pointers: dict, floats: set) -> dict:
     return sig
 
 
+# Integer arguments that are multiples of 16 in the shapes that matter (rows of 16-multiple widths,
+# sequence lengths and hidden sizes of training runs): at launch Triton specializes such values
+# (tt.divisibility = 16), and pointers from the torch allocator, which is what lets it vectorize
+# loads and pipeline them with cp.async. A compile without these hints is a different kernel.
+ALIGNED_INTS = {"S_q", "S_k", "lse_len", "N", "V"}
+
+
 def compile_triton(kernel, arch: str, constexprs: dict, pointers: dict, floats: set, num_warps: int,
                    num_stages: int, variant: dict, kept: Optional[bool] = None) -> Resources:
+    """Compile `kernel` for `arch` as a launch with 16-byte-aligned pointers and 16-multiple strides
+    and ALIGNED_INTS would, and read its resources."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     _, cc = ARCHS[arch]
-    src = ASTSource(kernel, _signature(kernel, constexprs, pointers, floats),
-                    constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()})
+    signature = _signature(kernel, constexprs, pointers, floats)
+    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
+               if name in pointers or (signature[name] == "i32" and (name.startswith("stride") or name in ALIGNED_INTS))}
+    src = ASTSource(kernel, signature, constexprs={(kernel.arg_names.index(k),): v for k, v in constexprs.items()},
+                    attrs=aligned)
     start = time.perf_counter()
     compiled = triton.compile(src, target=GPUTarget("cuda", cc, 32),
                               options={"num_warps": num_warps, "num_stages": num_stages})
@@ -130,8 +144,11 @@ def compile_triton(kernel, arch: str, constexprs: dict, pointers: dict, floats: 
         cubin = Path(tmp) / "kernel.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
         (_, _, regs, stack, _), = resource_usage(cubin)
+    ttgir = compiled.asm["ttgir"]
     return Resources(kernel.__name__, arch, regs, stack, compiled.metadata.shared,
-                     dict(variant, num_warps=num_warps, num_stages=num_stages), kept, round(seconds, 2))
+                     dict(variant, num_warps=num_warps, num_stages=num_stages), kept, round(seconds, 2),
+                     async_copies=ttgir.count("async_copy_global_to_local") + ttgir.count("async_tma_copy"),
+                     wgmma="warp_group_dot" in ttgir)
 
 
 ATTENTION_KINDS = ("fwd", "dkdv", "dq")
@@ -288,12 +305,12 @@ def describe(r: Resources) -> str:
 
 
 def _table(rows: list[Resources]) -> str:
-    lines = [f"{'arch':6} {'kernel':34} {'variant':52} {'regs':>4} {'stack':>5} {'smem KB':>7} kept"]
+    lines = [f"{'arch':6} {'kernel':34} {'variant':52} {'regs':>4} {'stack':>5} {'smem KB':>7} async wgmma kept"]
     for r in rows:
         kept = "" if r.kept is None else ("yes" if r.kept else "no")
         name = f"{r.kernel[:34]:34} {describe(r)[:52]:52}" if r.variant else f"{r.kernel[:87]:87}"
-        lines.append(f"{r.arch:6} {name} {r.regs:4d} {r.stack:5d} "
-                     f"{r.shared / 1024:7.1f} {kept}")
+        triton_cols = f"{r.async_copies:5d} {'yes' if r.wgmma else '':5}" if r.variant else " " * 11
+        lines.append(f"{r.arch:6} {name} {r.regs:4d} {r.stack:5d} {r.shared / 1024:7.1f} {triton_cols} {kept}")
     return "\n".join(lines)
 
 

@@ -106,15 +106,31 @@ def test_kept_attention_configs_fit_in_shared_memory_and_the_estimate_bounds_it(
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("triton_compile")
+def test_attention_loads_are_pipelined_and_hopper_dots_use_wgmma(rows):
+    """Every compiled attention config with two or more stages issues its tile loads asynchronously
+    (cp.async: the loop is software-pipelined), and on sm_90 the 16-bit kernels at head dims 64 and
+    128 run their dots on wgmma. A change that quietly breaks either costs a large share of speed
+    and no interpreted test would notice."""
+    for r in _attention(rows):
+        v = r["variant"]
+        if v["num_stages"] >= 2:
+            assert r["async_copies"] > 0, f"{r['arch']} {v}: tile loads are not pipelined"
+        if r["arch"] == "sm_90" and v["dtype"] in ("bf16", "fp16") and v["head_dim"] in (64, 128):
+            assert r["wgmma"], f"sm_90 {v}: dots compiled to mma.sync, not wgmma"
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("triton_compile")
 def test_memory_bound_kernels_do_not_spill_where_rows_fit_in_registers(rows):
-    """Rows of 1024 everywhere, and softmax, cross-entropy and the norm forward at 16384. (The norm
-    backward at 16384 keeps five row-length arrays live, more than the register file holds: it
-    spills a few hundred bytes a thread, shown by `python -m benchmarks.resources`.)"""
+    """Rows of 1024 everywhere, and softmax, cross-entropy and the norm forward at 16384: at most a
+    value or two parked on the stack (Triton 3.6 parks 8 B in two of them; 3.8 none). The norm
+    backward at 16384 keeps five row-length arrays live, more than the register file holds, and
+    spills a few hundred bytes a thread (`python -m benchmarks.resources` shows it)."""
     checked = 0
     for r in rows:
         n = r["variant"].get("n")
         if n is None or (n > 1024 and r["kernel"] == "norm_bwd_kernel"):
             continue
-        assert r["stack"] == 0, f"{r['arch']} {r['kernel']} {r['variant']}: spills {r['stack']} B a thread"
+        assert r["stack"] <= 16, f"{r['arch']} {r['kernel']} {r['variant']}: spills {r['stack']} B a thread"
         checked += 1
     assert checked >= 2 * 2 * 8

@@ -372,26 +372,28 @@ def attention_bwd_dq_kernel(
 
 # ------------------------------------------------------------------------------ configs + launch
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). Hopper has 228 KB of shared memory per SM and wgmma
-# wants 128-row tiles with 8 warps; Ampere (164 KB on A100) takes smaller tiles. Chosen from what
-# `python -m benchmarks.resources --head-dims 32,64,128,256` reports (Triton 3.8 and 3.6, no GPU):
-# every head dim up to 256 keeps, after `_pruner`, at least one config that compiles without
-# register spills for sm_80 and for sm_90 (tests/ops/test_triton_compile.py checks 64, 128, 256);
-# among the survivors the autotuner measures. The small last entries are the head-dim-256 ones.
+# wants 128-row tiles with 8 warps; Ampere (164 KB on A100) favours 4-warp 128x64 tiles. Compiled
+# offline for sm_90/sm_80 (`python -m benchmarks.resources --head-dims 32,64,128,256`, Triton 3.6
+# and 3.8, as a launch with aligned pointers and strides specializes them): each head dim up to 256
+# keeps, after `_pruner`, at least one config without register spills, and every kept config's
+# loads are software-pipelined (cp.async); tests/ops/test_triton_compile.py checks both. The
+# autotuner measures the survivors.
 _FWD_CONFIGS = {
     "hopper": [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 4, 3), (128, 32, 8, 3),
-               (64, 64, 4, 3), (64, 64, 8, 2), (64, 32, 8, 2), (64, 16, 8, 2)],
-    "ampere": [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (64, 32, 4, 2), (64, 32, 8, 2), (64, 16, 8, 2)],
+               (64, 64, 4, 3), (64, 64, 8, 2), (64, 32, 8, 2)],
+    "ampere": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 32, 4, 3), (128, 32, 8, 3), (64, 64, 4, 3),
+               (64, 32, 4, 2), (64, 32, 8, 2)],
 }
 # dK/dV: a tall key tile (BLOCK_N) stays in registers while short query blocks stream past.
 _DKDV_CONFIGS = {
     "hopper": [(32, 128, 8, 3), (32, 128, 8, 2), (16, 128, 8, 3), (32, 64, 8, 3), (64, 64, 8, 2), (16, 64, 8, 3),
-               (32, 64, 4, 3), (32, 32, 8, 2), (16, 32, 8, 2)],
-    "ampere": [(32, 128, 8, 2), (16, 64, 8, 3), (32, 64, 8, 2), (32, 64, 4, 3), (32, 32, 8, 2), (16, 32, 8, 1)],
+               (32, 64, 4, 3), (32, 32, 8, 2)],
+    "ampere": [(32, 128, 8, 2), (16, 64, 8, 3), (32, 64, 8, 2), (32, 64, 4, 3), (64, 64, 8, 2), (32, 32, 8, 2)],
 }
 # dQ: the mirror image, a tall query block with short key tiles streaming past.
 _DQ_CONFIGS = {
-    "hopper": [(128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 8, 3), (64, 32, 4, 3), (32, 32, 8, 2)],
-    "ampere": [(128, 32, 8, 3), (64, 64, 4, 2), (64, 32, 8, 3), (64, 32, 4, 2), (32, 16, 8, 2)],
+    "hopper": [(128, 32, 8, 3), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 8, 3), (64, 32, 4, 3)],
+    "ampere": [(128, 32, 8, 3), (64, 64, 4, 2), (64, 32, 8, 3), (64, 32, 4, 2)],
 }
 # Pinned under TRITON_INTERPRET=1: BLOCK_M != BLOCK_N so the tests exercise unequal tile edges.
 _INTERPRETED = {"fwd": (64, 32), "dkdv": (32, 64), "dq": (64, 32)}
@@ -400,7 +402,7 @@ DELTA_BLOCK_M = 64
 
 # Opt-in shared memory per block (bytes) where the device cannot be asked: A100, H100/H200.
 SMEM_LIMIT = {"ampere": 163 * 1024, "hopper": 227 * 1024}
-SMEM_SCRATCH = 2048  # beyond the operand tiles (cross-warp reductions, barriers): up to 512 B seen
+SMEM_SCRATCH = 2048  # beyond the operand tiles (reductions, barriers): up to 1 KB seen (sm_90 dK/dV)
 CONFIG_TABLES = {"fwd": _FWD_CONFIGS, "dkdv": _DKDV_CONFIGS, "dq": _DQ_CONFIGS}
 
 
@@ -428,9 +430,9 @@ def _smem_limit() -> int:
 
 def smem_estimate(kind: str, block_m: int, block_n: int, num_stages: int, block_d: int, elt: int) -> int:
     """Bytes of shared memory a config needs at most: the pipelined operand tiles, the tiles held
-    for the whole program, and a reduction scratch (an upper bound on what Triton 3.8 allocates
-    for these kernels; `python -m benchmarks.resources` compares). One stage allocates as much as two."""
-    stages = max(num_stages, 2)
+    for the whole program, and a reduction scratch (an upper bound on what Triton 3.6-3.8 allocate
+    for these kernels; `python -m benchmarks.resources` compares)."""
+    stages = max(num_stages, 1)
     if kind == "fwd":
         tiles = stages * 2 * block_n * block_d + block_m * block_d
     elif kind == "dkdv":
