@@ -167,7 +167,9 @@ void run_grid(dim3 grid, dim3 block, size_t smem, const std::function<void()>& b
   if (threads <= 0 || threads > 1024) fail("block size outside 1..1024");
   if (threads % 32 != 0) fail("the emulator takes blocks of whole warps");
   if (smem > static_cast<size_t>(g_smem_optin)) fail("dynamic shared memory above the device limit");
-  g_dynamic_smem.assign(smem + 16, 0xcd);  // not zero: kernels must not rely on fresh shared memory
+  // exactly the bytes requested (an access past them is an error the address-sanitized build reports);
+  // not zero: kernels must not rely on fresh shared memory
+  g_dynamic_smem.assign(smem > 0 ? smem : 1, 0xcd);
   while (g_stacks.size() < static_cast<size_t>(threads)) {
     void* stack = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (stack == MAP_FAILED) fail("cannot map a fiber stack");

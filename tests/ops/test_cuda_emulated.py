@@ -15,6 +15,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,14 @@ DTYPE_CODE = {F32: 0, F16: 1, BF16: 2, torch.float64: 3, torch.bool: 4}
 P, I64, I32, F, B = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_bool
 
 
+# MMGPT_EMU_SANITIZE=address builds the kernels with AddressSanitizer and UndefinedBehaviorSanitizer
+# (run with their runtime preloaded, as test_every_kernel_under_address_sanitizer does), so an
+# out-of-bounds access to a tensor or to a __shared__ array, or undefined behaviour such as a signed
+# index overflow, stops the run: the emulator's stand-in for compute-sanitizer's memcheck.
+SANITIZE_FLAGS = (["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
+                  if os.environ.get("MMGPT_EMU_SANITIZE") == "address" else [])
+
+
 # ------------------------------------------------------------------------------ the library
 def _build_emulator() -> Path:
     """Compiles csrc/*.cu + csrc/emulation/runtime.cpp into one shared library, cached by content."""
@@ -41,7 +50,7 @@ def _build_emulator() -> Path:
     # -O0 for the kernels: their threads are fibers the optimiser cannot see, so it must not keep
     # `__shared__` values (function statics) in registers or move their accesses across barriers
     flags = ["-std=c++20", "-fPIC", "-Wall", "-Wno-unknown-pragmas", f"-I{cuda_home}/include", f"-I{csrc}",
-             "-include", str(csrc / "emulation" / "emu.h")]
+             *SANITIZE_FLAGS, "-include", str(csrc / "emulation" / "emu.h")]
     digest = hashlib.sha256(" ".join(flags[:-1] + ["-O0", "-Bsymbolic"]).encode())
     for f in sorted(list(csrc.glob("*")) + list((csrc / "emulation").glob("*"))):
         if f.is_file():
@@ -63,8 +72,8 @@ def _build_emulator() -> Path:
         objects = list(pool.map(compile_unit, units))
     tmp = out / f"libmmgpt_emu.{os.getpid()}.so"
     # -Bsymbolic: the CUDA runtime stubs bind inside the library, not to the libcudart torch loaded
-    subprocess.run([cxx, "-shared", "-Wl,-Bsymbolic", "-o", str(tmp), *map(str, objects)], check=True,
-                   capture_output=True, text=True)
+    subprocess.run([cxx, "-shared", "-Wl,-Bsymbolic", *SANITIZE_FLAGS, "-o", str(tmp), *map(str, objects)],
+                   check=True, capture_output=True, text=True)
     os.replace(tmp, lib)  # atomic: a concurrent build never exposes half a library
     for obj in objects:
         obj.unlink()
@@ -395,3 +404,33 @@ def test_flash_attention_no_keys(emulated_cuda):
     q, k = torch.randn(1, 5, 2, 64).half(), torch.randn(1, 0, 2, 64).half()
     out, lse = ops.flash_attention(q, k, k, return_lse=True, backend="cuda")
     assert torch.all(out == 0) and torch.all(torch.isneginf(lse))
+
+
+# ------------------------------------------------------------------------ under AddressSanitizer
+def _runtime_library(name):
+    cxx = shutil.which("g++")
+    if cxx is None:
+        return None
+    path = subprocess.run([cxx, f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
+    return path if os.path.isabs(path) and os.path.exists(path) else None
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("cuda_emulated_asan")
+def test_every_kernel_under_address_sanitizer(tmp_path):
+    """Every test above again, on kernels built with -fsanitize=address,undefined: no access outside
+    a tensor or a __shared__ array, no undefined behaviour, for every shape the tests use."""
+    asan, stdcxx = _runtime_library("libasan.so"), _runtime_library("libstdc++.so.6")
+    if asan is None or stdcxx is None:
+        pytest.skip("g++'s AddressSanitizer runtime is not installed")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "COV_"))}
+    # libstdc++ loaded with the ASan runtime, so ASan's exception interceptor finds its target
+    env.update(MMGPT_EMU_SANITIZE="address", LD_PRELOAD=f"{asan} {stdcxx}", TRITON_INTERPRET="1",
+               ASAN_OPTIONS=f"detect_leaks=0:log_path={tmp_path / 'asan'}", UBSAN_OPTIONS="print_stacktrace=1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+                           "-k", "not address_sanitizer"], cwd=Path(__file__).resolve().parents[2], env=env,
+                          capture_output=True, text=True, timeout=1200)
+    reports = "".join(p.read_text() for p in tmp_path.glob("asan*"))
+    findings = "\n".join(line for line in reports.splitlines() if "swapcontext" not in line)
+    assert proc.returncode == 0 and not findings, f"{findings[-6000:]}\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
+    assert " passed" in proc.stdout and " failed" not in proc.stdout, proc.stdout[-2000:]
