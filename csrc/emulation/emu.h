@@ -9,9 +9,10 @@
 // after another, so `__shared__` variables become function statics (shared by the block's
 // fibers) and dynamic shared memory one buffer per launch.
 //
-// What this checks: indexing, masking, reductions, tiling, fragment plumbing, numerics. What it
-// cannot: timing, memory-model and asynchronous-copy hazards (compute-sanitizer's job on a GPU),
-// and whether the PTX fragment layouts it implements match the hardware (they follow the ISA).
+// What this checks: indexing, masking, reductions, tiling, fragment plumbing, numerics; built with
+// AddressSanitizer, out-of-bounds accesses; with ThreadSanitizer (runtime.cpp), shared-memory races
+// between threads that no barrier orders. What it cannot: timing, asynchronous-copy hazards, and
+// whether the PTX fragment layouts it implements match the hardware (they follow the ISA).
 #pragma once
 
 #define MMGPT_CPU_EMULATION 1

@@ -12,10 +12,38 @@
 
 #include "../launchers.h"
 
+#ifdef MMGPT_EMU_TSAN
+#include <sanitizer/tsan_interface.h>
+extern "C" void __tsan_read_range(void* addr, unsigned long size);
+#endif
+
 namespace emu {
 namespace {
 
 constexpr size_t kStackBytes = 256 * 1024;
+
+// ThreadSanitizer build (MMGPT_EMU_TSAN; the kernels compiled with -fsanitize=thread, this file not):
+// every CUDA thread is a TSan fiber, and the only happens-before edges between the threads of a block
+// are the ones the GPU has: __syncthreads and the warp collectives (each a barrier, each phase its own
+// sync object), and the end of the block. Fiber switches themselves carry none, so an access to
+// shared memory that no barrier orders against another thread's write is reported as a race, as
+// compute-sanitizer's racecheck would.
+char g_block_done;  // sync object: every thread of a block happens before the next block
+#ifdef MMGPT_EMU_TSAN
+std::vector<void*> g_tsan_fibers;
+void* g_tsan_host = nullptr;
+void tsan_enter_fiber(int i) { __tsan_switch_to_fiber(g_tsan_fibers[static_cast<size_t>(i)], 0); }
+void tsan_leave_fiber() { __tsan_switch_to_fiber(g_tsan_host, __tsan_switch_to_fiber_no_sync); }
+void tsan_release(const void* sync) { __tsan_release(const_cast<void*>(sync)); }
+void tsan_acquire(const void* sync) { __tsan_acquire(const_cast<void*>(sync)); }
+void tsan_read(const void* addr, size_t bytes) { __tsan_read_range(const_cast<void*>(addr), bytes); }
+#else
+inline void tsan_enter_fiber(int) {}
+inline void tsan_leave_fiber() {}
+inline void tsan_release(const void*) {}
+inline void tsan_acquire(const void*) {}
+inline void tsan_read(const void*, size_t) {}
+#endif
 
 struct Fiber {
   ucontext_t context;
@@ -29,6 +57,8 @@ struct Barrier {
   unsigned generation = 0;
   int arrived = 0;
   int live = 0;  // threads that have not exited
+  char phase_sync[2] = {0, 0};  // TSan sync objects, alternating by generation
+  const void* sync() const { return &phase_sync[generation & 1]; }
 };
 
 struct Warp {
@@ -70,15 +100,20 @@ void release(Barrier& b) {
 
 // Arrive at the barrier; return once every live member has arrived.
 void arrive(Barrier& b) {
+  const void* sync = b.sync();  // this phase's: a member that runs on to the next phase releases elsewhere
+  tsan_release(sync);
   const unsigned generation = b.generation;
   if (++b.arrived >= b.live) {
     release(b);
+    tsan_acquire(sync);
     return;
   }
   Fiber& f = current();
   f.wait_generation = &b.generation;
   f.wait_value = generation;
+  tsan_leave_fiber();
   swapcontext(&f.context, &g_scheduler);
+  tsan_acquire(sync);
 }
 
 void fiber_entry() {
@@ -87,9 +122,12 @@ void fiber_entry() {
   f.done = true;
   // an exited thread no longer counts at barriers: release any its peers are waiting on
   for (Barrier* b : {&g_block.barrier, &current_warp().barrier}) {
+    tsan_release(b->sync());
     --b->live;
     if (b->arrived > 0 && b->arrived >= b->live) release(*b);
   }
+  tsan_release(&g_block_done);
+  tsan_leave_fiber();
 }  // returns to g_scheduler through uc_link
 
 uint16_t half_bits(uint32_t packed, int which) { return static_cast<uint16_t>(which ? packed >> 16 : packed & 0xffff); }
@@ -132,7 +170,11 @@ void ldmatrix_x4(uint32_t (&r)[4], const void* row_address, bool trans) {
   w.address[t] = row_address;
   arrive(w.barrier);
   for (int i = 0; i < 4; ++i) {
-    auto element = [&](int row, int col) { return static_cast<const uint16_t*>(w.address[8 * i + row])[col]; };
+    auto element = [&](int row, int col) {
+      const uint16_t* at = static_cast<const uint16_t*>(w.address[8 * i + row]) + col;
+      tsan_read(at, sizeof *at);  // this lane reads shared memory at another lane's address
+      return *at;
+    };
     const uint16_t lo = trans ? element(2 * (t % 4), t / 4) : element(t / 4, 2 * (t % 4));
     const uint16_t hi = trans ? element(2 * (t % 4) + 1, t / 4) : element(t / 4, 2 * (t % 4) + 1);
     r[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
@@ -176,6 +218,10 @@ void run_grid(dim3 grid, dim3 block, size_t smem, const std::function<void()>& b
     g_stacks.push_back(static_cast<char*>(stack));
   }
   g_block.body = &body;
+#ifdef MMGPT_EMU_TSAN
+  g_tsan_host = __tsan_get_current_fiber();
+  while (g_tsan_fibers.size() < static_cast<size_t>(threads)) g_tsan_fibers.push_back(__tsan_create_fiber(0));
+#endif
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
       for (unsigned bx = 0; bx < grid.x; ++bx) {
@@ -201,12 +247,14 @@ void run_grid(dim3 grid, dim3 block, size_t smem, const std::function<void()>& b
             if (f.done || (f.wait_generation != nullptr && *f.wait_generation == f.wait_value)) continue;
             f.wait_generation = nullptr;
             g_current = i;
+            tsan_enter_fiber(i);  // carries the host's set-up (shared memory fill, indices), nothing else
             swapcontext(&g_scheduler, &f.context);
             progressed = true;
             if (f.done) --remaining;
           }
           if (!progressed) fail("deadlock: threads wait at a barrier the others never reach");
         }
+        tsan_acquire(&g_block_done);  // blocks run one after another on reused statics and stacks
       }
   g_current = -1;
 }

@@ -32,12 +32,21 @@ DTYPE_CODE = {F32: 0, F16: 1, BF16: 2, torch.float64: 3, torch.bool: 4}
 P, I64, I32, F, B = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_bool
 
 
-# MMGPT_EMU_SANITIZE=address builds the kernels with AddressSanitizer and UndefinedBehaviorSanitizer
-# (run with their runtime preloaded, as test_every_kernel_under_address_sanitizer does), so an
-# out-of-bounds access to a tensor or to a __shared__ array, or undefined behaviour such as a signed
-# index overflow, stops the run: the emulator's stand-in for compute-sanitizer's memcheck.
-SANITIZE_FLAGS = (["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
-                  if os.environ.get("MMGPT_EMU_SANITIZE") == "address" else [])
+# MMGPT_EMU_SANITIZE selects a sanitized build, run with the sanitizer's runtime preloaded (as the
+# last tests of this file do), the emulator's stand-ins for compute-sanitizer:
+# - address: the kernels and the runtime under AddressSanitizer and UndefinedBehaviorSanitizer: an
+#   access outside a tensor, a __shared__ array or the dynamic shared memory, or undefined behaviour
+#   such as a signed index overflow, stops the run (memcheck);
+# - thread: the kernels under ThreadSanitizer with every CUDA thread a TSan fiber, ordered only by
+#   barriers and warp collectives (runtime.cpp, MMGPT_EMU_TSAN): a shared-memory access that no
+#   barrier orders against another thread's write is a reported race (racecheck).
+SANITIZE = os.environ.get("MMGPT_EMU_SANITIZE", "")
+_ASAN = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
+SANITIZE_FLAGS = {  # (kernels, runtime, link)
+    "": ([], [], []),
+    "address": (_ASAN, _ASAN, _ASAN),
+    "thread": (["-fsanitize=thread"], ["-DMMGPT_EMU_TSAN"], ["-fsanitize=thread"]),
+}[SANITIZE]
 
 
 # ------------------------------------------------------------------------------ the library
@@ -50,8 +59,9 @@ def _build_emulator() -> Path:
     # -O0 for the kernels: their threads are fibers the optimiser cannot see, so it must not keep
     # `__shared__` values (function statics) in registers or move their accesses across barriers
     flags = ["-std=c++20", "-fPIC", "-Wall", "-Wno-unknown-pragmas", f"-I{cuda_home}/include", f"-I{csrc}",
-             *SANITIZE_FLAGS, "-include", str(csrc / "emulation" / "emu.h")]
-    digest = hashlib.sha256(" ".join(flags[:-1] + ["-O0", "-Bsymbolic"]).encode())
+             "-include", str(csrc / "emulation" / "emu.h")]
+    kernel_flags, runtime_flags, link_flags = SANITIZE_FLAGS
+    digest = hashlib.sha256(" ".join(flags[:-1] + ["-O0", "-Bsymbolic", repr(SANITIZE_FLAGS)]).encode())
     for f in sorted(list(csrc.glob("*")) + list((csrc / "emulation").glob("*"))):
         if f.is_file():
             digest.update(f.name.encode() + f.read_bytes())
@@ -63,7 +73,7 @@ def _build_emulator() -> Path:
 
     def compile_unit(unit):
         obj = out / f"{unit.stem}.{os.getpid()}.o"
-        lang = ["-x", "c++", "-O0"] if unit.suffix == ".cu" else ["-O2"]
+        lang = ["-x", "c++", "-O0", *kernel_flags] if unit.suffix == ".cu" else ["-O2", *runtime_flags]
         subprocess.run([cxx, *flags, *lang, "-c", str(unit), "-o", str(obj)], check=True, capture_output=True, text=True)
         return obj
 
@@ -72,7 +82,7 @@ def _build_emulator() -> Path:
         objects = list(pool.map(compile_unit, units))
     tmp = out / f"libmmgpt_emu.{os.getpid()}.so"
     # -Bsymbolic: the CUDA runtime stubs bind inside the library, not to the libcudart torch loaded
-    subprocess.run([cxx, "-shared", "-Wl,-Bsymbolic", *SANITIZE_FLAGS, "-o", str(tmp), *map(str, objects)],
+    subprocess.run([cxx, "-shared", "-Wl,-Bsymbolic", *link_flags, "-o", str(tmp), *map(str, objects)],
                    check=True, capture_output=True, text=True)
     os.replace(tmp, lib)  # atomic: a concurrent build never exposes half a library
     for obj in objects:
@@ -406,7 +416,7 @@ def test_flash_attention_no_keys(emulated_cuda):
     assert torch.all(out == 0) and torch.all(torch.isneginf(lse))
 
 
-# ------------------------------------------------------------------------ under AddressSanitizer
+# ------------------------------------------------------------------------------- under sanitizers
 def _runtime_library(name):
     cxx = shutil.which("g++")
     if cxx is None:
@@ -415,22 +425,36 @@ def _runtime_library(name):
     return path if os.path.isabs(path) and os.path.exists(path) else None
 
 
+# runtime library, environment ({log}: the report path), what a report starts with
+SANITIZER_RUNS = {
+    "address": ("libasan.so", {"ASAN_OPTIONS": "detect_leaks=0:log_path={log}", "UBSAN_OPTIONS": "print_stacktrace=1"},
+                ("ERROR:", "runtime error")),
+    # one torch thread: libgomp's own synchronisation is invisible to TSan and would be reported
+    "thread": ("libtsan.so", {"TSAN_OPTIONS": "log_path={log}:report_signal_unsafe=0", "OMP_NUM_THREADS": "1"},
+               ("WARNING: ThreadSanitizer",)),
+}
+
+
 @pytest.mark.slow
-@pytest.mark.xdist_group("cuda_emulated_asan")
-def test_every_kernel_under_address_sanitizer(tmp_path):
-    """Every test above again, on kernels built with -fsanitize=address,undefined: no access outside
-    a tensor or a __shared__ array, no undefined behaviour, for every shape the tests use."""
-    asan, stdcxx = _runtime_library("libasan.so"), _runtime_library("libstdc++.so.6")
-    if asan is None or stdcxx is None:
-        pytest.skip("g++'s AddressSanitizer runtime is not installed")
+@pytest.mark.parametrize("mode", [pytest.param("address", marks=pytest.mark.xdist_group("cuda_emulated_asan")),
+                                  pytest.param("thread", marks=pytest.mark.xdist_group("cuda_emulated_tsan"))])
+def test_every_kernel_under_a_sanitizer(mode, tmp_path):
+    """Every test above again, on kernels built for a sanitizer (MMGPT_EMU_SANITIZE, see the top of
+    this file). address: no access outside a tensor, a __shared__ array or the dynamic shared memory,
+    no undefined behaviour. thread: no shared-memory access unordered by a barrier against another
+    thread's write (a missing __syncthreads, even one the emulator's fixed schedule would forgive)."""
+    runtime, options, markers = SANITIZER_RUNS[mode]
+    preload, stdcxx = _runtime_library(runtime), _runtime_library("libstdc++.so.6")
+    if preload is None or stdcxx is None:
+        pytest.skip(f"g++'s {runtime} is not installed")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "COV_"))}
-    # libstdc++ loaded with the ASan runtime, so ASan's exception interceptor finds its target
-    env.update(MMGPT_EMU_SANITIZE="address", LD_PRELOAD=f"{asan} {stdcxx}", TRITON_INTERPRET="1",
-               ASAN_OPTIONS=f"detect_leaks=0:log_path={tmp_path / 'asan'}", UBSAN_OPTIONS="print_stacktrace=1")
-    proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
-                           "-k", "not address_sanitizer"], cwd=Path(__file__).resolve().parents[2], env=env,
-                          capture_output=True, text=True, timeout=1200)
-    reports = "".join(p.read_text() for p in tmp_path.glob("asan*"))
-    findings = "\n".join(line for line in reports.splitlines() if "swapcontext" not in line)
-    assert proc.returncode == 0 and not findings, f"{findings[-6000:]}\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
+    # libstdc++ loaded with the sanitizer's runtime, so its exception interceptor finds its target
+    env.update({k: v.format(log=tmp_path / "report") for k, v in options.items()},
+               MMGPT_EMU_SANITIZE=mode, LD_PRELOAD=f"{preload} {stdcxx}", TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
+                           "-k", "not under_a_sanitizer"], cwd=Path(__file__).resolve().parents[2], env=env,
+                          capture_output=True, text=True, timeout=1800)
+    reports = "".join(p.read_text() for p in tmp_path.glob("report*"))
+    found = [marker for marker in markers if marker in reports]
+    assert proc.returncode == 0 and not found, f"{reports[-8000:]}\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
     assert " passed" in proc.stdout and " failed" not in proc.stdout, proc.stdout[-2000:]
