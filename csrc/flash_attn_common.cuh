@@ -43,10 +43,10 @@ __device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162flo
 // --------------------------------------------------------------------------------- PTX wrappers
 #ifdef MMGPT_CPU_EMULATION  // the CPU emulator (emulation/emu.h) gives these their PTX semantics
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, int src_bytes) {
-  ::emu::copy16(smem, gmem, src_bytes);
+  ::emu::cp_async_16(smem, gmem, src_bytes);
 }
-__device__ __forceinline__ void cp_async_commit() {}
-__device__ __forceinline__ void cp_async_wait_all() {}
+__device__ __forceinline__ void cp_async_commit() { ::emu::cp_async_commit(); }
+__device__ __forceinline__ void cp_async_wait_all() { ::emu::cp_async_wait_all(); }
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) { ::emu::ldmatrix_x4(r, smem, false); }
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* smem) {
   ::emu::ldmatrix_x4(r, smem, true);

@@ -48,6 +48,7 @@ inline void tsan_read(const void*, size_t) {}
 struct Fiber {
   ucontext_t context;
   ThreadCtx ctx;
+  std::vector<PendingCopy> pending;  // cp.async issued, not yet waited for
   bool done = false;
   const unsigned* wait_generation = nullptr;  // blocked until *wait_generation != wait_value
   unsigned wait_value = 0;
@@ -146,6 +147,8 @@ float to_float(uint16_t bits, bool bf16) {
 }  // namespace
 
 ThreadCtx& ctx() { return current().ctx; }
+
+std::vector<PendingCopy>& pending_copies() { return current().pending; }
 
 void* dynamic_smem() { return g_dynamic_smem.data(); }
 

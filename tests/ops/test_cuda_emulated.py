@@ -45,7 +45,7 @@ _ASAN = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit
 SANITIZE_FLAGS = {  # (kernels, runtime, link)
     "": ([], [], []),
     "address": (_ASAN, _ASAN, _ASAN),
-    "thread": (["-fsanitize=thread"], ["-DMMGPT_EMU_TSAN"], ["-fsanitize=thread"]),
+    "thread": (["-fsanitize=thread", "-DMMGPT_EMU_TSAN"], ["-DMMGPT_EMU_TSAN"], ["-fsanitize=thread"]),
 }[SANITIZE]
 
 
