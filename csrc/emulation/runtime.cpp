@@ -24,18 +24,22 @@ constexpr size_t kStackBytes = 256 * 1024;
 
 // ThreadSanitizer build (MMGPT_EMU_TSAN; the kernels compiled with -fsanitize=thread, this file not):
 // every CUDA thread is a TSan fiber, and the only happens-before edges between the threads of a block
-// are the ones the GPU has: __syncthreads and the warp collectives (each a barrier, each phase its own
-// sync object), and the end of the block. Fiber switches themselves carry none, so an access to
-// shared memory that no barrier orders against another thread's write is reported as a race, as
-// compute-sanitizer's racecheck would.
+// are the ones the GPU has: __syncthreads (each phase its own sync object) and the end of the block;
+// the warp collectives exchange registers and order no memory. Fiber switches carry none, so an
+// access to shared memory that no barrier orders against another thread's write is reported as a
+// race, as compute-sanitizer's racecheck would.
 char g_block_done;  // sync object: every thread of a block happens before the next block
 #ifdef MMGPT_EMU_TSAN
 std::vector<void*> g_tsan_fibers;
 void* g_tsan_host = nullptr;
 void tsan_enter_fiber(int i) { __tsan_switch_to_fiber(g_tsan_fibers[static_cast<size_t>(i)], 0); }
 void tsan_leave_fiber() { __tsan_switch_to_fiber(g_tsan_host, __tsan_switch_to_fiber_no_sync); }
-void tsan_release(const void* sync) { __tsan_release(const_cast<void*>(sync)); }
-void tsan_acquire(const void* sync) { __tsan_acquire(const_cast<void*>(sync)); }
+void tsan_release(const void* sync) {
+  if (sync) __tsan_release(const_cast<void*>(sync));
+}
+void tsan_acquire(const void* sync) {
+  if (sync) __tsan_acquire(const_cast<void*>(sync));
+}
 void tsan_read(const void* addr, size_t bytes) { __tsan_read_range(const_cast<void*>(addr), bytes); }
 #else
 inline void tsan_enter_fiber(int) {}
@@ -99,9 +103,13 @@ void release(Barrier& b) {
   ++b.generation;
 }
 
-// Arrive at the barrier; return once every live member has arrived.
-void arrive(Barrier& b) {
-  const void* sync = b.sync();  // this phase's: a member that runs on to the next phase releases elsewhere
+// Arrive at the barrier; return once every live member has arrived. orders_memory: whether the
+// operation orders the members' memory accesses (bar.sync does; the warp collectives shfl.sync,
+// ldmatrix and mma.sync exchange registers only, so lanes that talk through shared memory around
+// them race, as on the GPU).
+void arrive(Barrier& b, bool orders_memory) {
+  // this phase's sync object: a member that runs on to the next phase releases into the other one
+  const void* sync = orders_memory ? b.sync() : nullptr;
   tsan_release(sync);
   const unsigned generation = b.generation;
   if (++b.arrived >= b.live) {
@@ -122,8 +130,8 @@ void fiber_entry() {
   Fiber& f = current();
   f.done = true;
   // an exited thread no longer counts at barriers: release any its peers are waiting on
+  tsan_release(g_block.barrier.sync());
   for (Barrier* b : {&g_block.barrier, &current_warp().barrier}) {
-    tsan_release(b->sync());
     --b->live;
     if (b->arrived > 0 && b->arrived >= b->live) release(*b);
   }
@@ -152,15 +160,15 @@ std::vector<PendingCopy>& pending_copies() { return current().pending; }
 
 void* dynamic_smem() { return g_dynamic_smem.data(); }
 
-void block_barrier() { arrive(g_block.barrier); }
+void block_barrier() { arrive(g_block.barrier, true); }
 
 float shfl_xor(float v, int lane_mask) {
   Warp& w = current_warp();
   const int lane = current_lane();
   w.f[lane] = v;
-  arrive(w.barrier);
+  arrive(w.barrier, false);
   const float r = w.f[lane ^ lane_mask];
-  arrive(w.barrier);  // nobody overwrites f before every lane has read it
+  arrive(w.barrier, false);  // nobody overwrites f before every lane has read it
   return r;
 }
 
@@ -171,7 +179,7 @@ void ldmatrix_x4(uint32_t (&r)[4], const void* row_address, bool trans) {
   Warp& w = current_warp();
   const int t = current_lane();
   w.address[t] = row_address;
-  arrive(w.barrier);
+  arrive(w.barrier, false);
   for (int i = 0; i < 4; ++i) {
     auto element = [&](int row, int col) {
       const uint16_t* at = static_cast<const uint16_t*>(w.address[8 * i + row]) + col;
@@ -182,7 +190,7 @@ void ldmatrix_x4(uint32_t (&r)[4], const void* row_address, bool trans) {
     const uint16_t hi = trans ? element(2 * (t % 4) + 1, t / 4) : element(t / 4, 2 * (t % 4) + 1);
     r[i] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
   }
-  arrive(w.barrier);
+  arrive(w.barrier, false);
 }
 
 // mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}: fragments as in the PTX ISA (see
@@ -193,7 +201,7 @@ void mma_m16n8k16_f32(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32
   for (int i = 0; i < 4; ++i) w.a[t][i] = a[i];
   w.b[t][0] = b0;
   w.b[t][1] = b1;
-  arrive(w.barrier);
+  arrive(w.barrier, false);
   auto A = [&](int row, int k) {
     return to_float(half_bits(w.a[(row % 8) * 4 + (k % 8) / 2][(row >= 8) + 2 * (k >= 8)], k % 2), bf16);
   };
@@ -204,7 +212,7 @@ void mma_m16n8k16_f32(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32
     for (int k = 0; k < 16; ++k) sum += A(row, k) * B(k, col);
     c[e] += sum;
   }
-  arrive(w.barrier);
+  arrive(w.barrier, false);
 }
 
 void run_grid(dim3 grid, dim3 block, size_t smem, const std::function<void()>& body) {
