@@ -1,8 +1,10 @@
 """What each kernel asks of the card, read from its compiled code, for sm_80 and sm_90 on any machine
 (no GPU needed): registers per thread, stack bytes per thread (register spills live there) and
-shared memory per block.
+shared memory per block; for Triton also whether tile loads are pipelined (cp.async / TMA) and
+whether sm_90 dots use wgmma.
 
-- Triton: every kernel is compiled ahead of time with `triton.compile` for the target. Attention
+- Triton: every kernel is compiled ahead of time with `triton.compile` for the target, specialized
+  as a launch with aligned pointers and 16-multiple strides and lengths would be. Attention
   takes every config of that arch's autotuning table, marked with whether `config_fits` (the
   autotuner's pruner) keeps it; the memory-bound kernels take the block sizes their launchers pick
   for a few row lengths. The cubins are read with cuobjdump (Triton ships one). Triton's on-disk
