@@ -1,10 +1,12 @@
 """The Triton kernels compile for sm_80 and sm_90 on any machine (no GPU needed), and what the
 autotuner may pick fits the card: `python -m benchmarks.resources --quick` compiles each kernel
-ahead of time for both targets and reads registers, spill stack and shared memory from the cubin.
+ahead of time for both targets, specialized as a launch would be, and reads registers, spill stack,
+shared memory, pipelined loads and wgmma use from the compiled code.
 
-The interpreted tests check what the kernels compute; these check that the compiled code exists
-and that the config tables and the pruner are honest, so a kernel that no longer compiles, or a
-table whose every config spills, does not land untested on a GPU.
+The interpreted tests check what the kernels compute; these check that the compiled code exists,
+that the config tables and the pruner are honest and that the attention loops stay pipelined, so a
+kernel that no longer compiles, a table whose every config spills, or a change that unpipelines a
+loop does not land unnoticed before a GPU runs it.
 """
 import json
 import os
