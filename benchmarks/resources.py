@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 ARCHS = {"sm_80": ("ampere", 80), "sm_90": ("hopper", 90)}
+SECTIONS = ("attention", "memory_bound", "cuda")
 DTYPES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
 
@@ -100,9 +101,13 @@ def resource_usage(binary: Path) -> list[tuple[str, str, int, int, int]]:
 
 
 # ---------------------------------------------------------------------------------- triton
-def _require_compiled_triton() -> None:
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        raise RuntimeError("benchmarks.resources compiles Triton kernels: run it without TRITON_INTERPRET=1")
+def _interpreted_reason() -> Optional[str]:
+    """Why Triton kernels cannot be compiled in this process, or None."""
+    value = os.environ.get("TRITON_INTERPRET", "0")
+    if value not in ("", "0"):
+        return (f"TRITON_INTERPRET: expected unset or 0 (the interpreter replaces the kernels this compiles), "
+                f"got {value!r}")
+    return None
 
 
 def _signature(kernel, constexprs: dict, pointers: dict, floats: set) -> dict:
@@ -321,8 +326,7 @@ def main(argv=None) -> int:
     parser.add_argument("--archs", default="sm_80,sm_90", help=f"among {','.join(ARCHS)}")
     parser.add_argument("--head-dims", default="64,128", help="attention head dims (padded to a power of two)")
     parser.add_argument("--dtypes", default="bf16", help=f"among {','.join(DTYPES)}")
-    parser.add_argument("--only", default="attention,memory_bound,cuda",
-                        help="among attention,memory_bound,cuda (comma-separated)")
+    parser.add_argument("--only", default=",".join(SECTIONS), help=f"among {','.join(SECTIONS)} (comma-separated)")
     parser.add_argument("--library", type=Path, default=None, help="the CUDA extension to read (default: newest build)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     parser.add_argument("--quick", action="store_true",
@@ -331,15 +335,20 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     archs = [a.strip() for a in args.archs.split(",") if a.strip()]
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
-    for value, known, flag in ((archs, ARCHS, "--archs"), (dtypes, DTYPES, "--dtypes")):
-        bad = [v for v in value if v not in known]
-        if bad:
-            parser.error(f"{flag}: expected names among {','.join(known)}, got {','.join(bad)}")
-    head_dims = [int(d) for d in args.head_dims.split(",") if d.strip()]
     only = {s.strip() for s in args.only.split(",") if s.strip()}
+    for value, known, flag in ((archs, ARCHS, "--archs"), (dtypes, DTYPES, "--dtypes"), (only, SECTIONS, "--only")):
+        bad = [v for v in value if v not in known]
+        if bad or not value:
+            parser.error(f"{flag}: expected names among {','.join(known)}, got {','.join(bad) or 'none'}")
+    try:
+        head_dims = [int(d) for d in args.head_dims.split(",") if d.strip()]
+    except ValueError:
+        head_dims = []
+    if not head_dims or any(not 8 <= d <= 256 or d % 8 for d in head_dims):
+        parser.error(f"--head-dims: expected multiples of 8 from 8 to 256, comma-separated, got {args.head_dims!r}")
+    if only & {"attention", "memory_bound"} and _interpreted_reason():
+        parser.error(_interpreted_reason())
     rows: list[Resources] = []
-    if only & {"attention", "memory_bound"}:
-        _require_compiled_triton()
     for arch in archs:
         for dtype in dtypes:
             if "attention" in only:

@@ -42,11 +42,14 @@ P, I64, I32, F, B = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_floa
 #   barrier orders against another thread's write is a reported race (racecheck).
 SANITIZE = os.environ.get("MMGPT_EMU_SANITIZE", "")
 _ASAN = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
-SANITIZE_FLAGS = {  # (kernels, runtime, link)
+_SANITIZE_BUILDS = {  # (kernels, runtime, link)
     "": ([], [], []),
     "address": (_ASAN, _ASAN, _ASAN),
     "thread": (["-fsanitize=thread", "-DMMGPT_EMU_TSAN"], ["-DMMGPT_EMU_TSAN"], ["-fsanitize=thread"]),
-}[SANITIZE]
+}
+if SANITIZE not in _SANITIZE_BUILDS:
+    raise ValueError(f"MMGPT_EMU_SANITIZE: expected unset, 'address' or 'thread', got {SANITIZE!r}")
+SANITIZE_FLAGS = _SANITIZE_BUILDS[SANITIZE]
 
 
 # ------------------------------------------------------------------------------ the library
