@@ -13,8 +13,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-HAS_CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if HAS_CUDA else "cpu"
+from tests.helpers import HAS_CUDA  # noqa: E402  (after TRITON_INTERPRET is set)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -9,14 +9,18 @@ Every op takes `backend=` ("torch", "triton", "cuda"); without it the MMGPT_BACK
 variable decides, else the best backend available for the tensors' device (see `_dispatch`).
 """
 from . import reference
-from ._dispatch import BACKENDS, available_backends, unavailable_reason
+from ._dispatch import BACKEND_ENV_VAR, BACKENDS, attention_backend, available_backends, unavailable_reason
 from .attention import flash_attention
 from .cross_entropy import cross_entropy
+from .reference import IGNORE_INDEX
 from .norms import layer_norm, rms_norm
 from .softmax import softmax
 
 __all__ = [
+    "BACKEND_ENV_VAR",
+    "IGNORE_INDEX",
     "BACKENDS",
+    "attention_backend",
     "available_backends",
     "cross_entropy",
     "flash_attention",

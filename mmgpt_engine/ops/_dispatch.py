@@ -10,17 +10,17 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import os
 from typing import Optional
 
 import torch
 
+from ._interpret import triton_interpreted
+
 BACKENDS = ("torch", "triton", "cuda")
-ENV_VAR = "MMGPT_BACKEND"
-
-
-def triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+BACKEND_ENV_VAR = "MMGPT_BACKEND"
+logger = logging.getLogger(__name__)
 
 
 # Looked up once at import (a plain constant, which torch.compile traces without a cache wrapper).
@@ -72,9 +72,9 @@ def resolve_backend(backend: Optional[str], device: torch.device) -> str:
     """Pick the backend for tensors on `device` (see the module docstring for the order)."""
     source = "backend"
     if backend is None:
-        env = os.environ.get(ENV_VAR, "").strip()
+        env = os.environ.get(BACKEND_ENV_VAR, "").strip()
         if env:
-            backend, source = env, f"{ENV_VAR} (environment)"
+            backend, source = env, f"{BACKEND_ENV_VAR} (environment)"
     if backend is None:
         if device.type == "cuda":
             for candidate in ("triton", "cuda"):
@@ -102,3 +102,33 @@ def kernels(backend: str, op_module: str):
     if backend == "cuda":
         return importlib.import_module(f"{__package__}.cuda")
     raise ValueError(f"backend: expected 'triton' or 'cuda' for a kernel launcher, got {backend!r}")
+
+
+_attention_fallback_logged: set = set()
+
+
+def attention_backend(head_dim: int, dtype: torch.dtype, backend: str, device: torch.device | str | None = None) -> str:
+    """The backend that runs `flash_attention` where `backend` runs the other ops.
+
+    That is `backend` itself, except for the cuda kernels, which are built for the head dims in
+    `cuda.FLASH_HEAD_DIMS` in float16/bfloat16: other head dims and dtypes run on triton (logged
+    once per case). Raises ValueError, saying why, when that fallback cannot run on `device`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
+    if backend != "cuda":
+        return backend
+    from .cuda import FLASH_DTYPES, FLASH_HEAD_DIMS
+
+    if head_dim in FLASH_HEAD_DIMS and dtype in FLASH_DTYPES:
+        return backend
+    name = str(dtype).replace("torch.", "")
+    built = f"head dims {FLASH_HEAD_DIMS} in {[str(t).replace('torch.', '') for t in FLASH_DTYPES]}"
+    reason = unavailable_reason("triton", device)
+    if reason is not None:
+        raise ValueError(f"the cuda flash attention is built for {built}, got head dim {head_dim} in {name}, and the "
+                         f"triton fallback is unavailable: {reason}")
+    if (head_dim, dtype) not in _attention_fallback_logged:
+        _attention_fallback_logged.add((head_dim, dtype))
+        logger.warning("flash_attention: the cuda backend is built for %s, got head dim %d in %s; using triton",
+                       built, head_dim, name)
+    return "triton"

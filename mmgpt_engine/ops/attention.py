@@ -13,7 +13,6 @@ Kernel contract (ops.triton.flash_attention and ops.cuda implement both):
 """
 from __future__ import annotations
 
-import logging
 from typing import Optional
 
 import torch
@@ -21,10 +20,9 @@ from torch import Tensor
 
 from . import reference
 from ._checks import check_kernel_dtype, check_same_device, check_same_dtype, check_tensor
-from ._dispatch import kernels, resolve_backend, unavailable_reason
+from ._dispatch import attention_backend, kernels, resolve_backend
 
 _ATTN_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-logger = logging.getLogger(__name__)
 
 
 @torch.library.custom_op("mmgpt::flash_attn_fwd", mutates_args=())
@@ -73,34 +71,6 @@ def _flash_attn_backward(ctx, dout, _dlse):
 
 
 _flash_attn_fwd.register_autograd(_flash_attn_backward, setup_context=_flash_attn_setup_context)
-
-_cuda_fallback_logged: set = set()
-
-
-def _kernel_backend(chosen: str, q: Tensor) -> str:
-    """cuda -> triton for the dtypes / head dims the cuda kernels are not built for (float32, head
-    dims outside FLASH_HEAD_DIMS; logged once per case), or an error naming q when triton cannot run."""
-    if chosen != "cuda":
-        return chosen
-    from . import cuda as cuda_backend
-
-    head_dims = tuple(getattr(cuda_backend, "FLASH_HEAD_DIMS", ()))
-    dtypes = tuple(getattr(cuda_backend, "FLASH_DTYPES", ()))
-    d = q.shape[-1]
-    if d in head_dims and q.dtype in dtypes:
-        return chosen
-    dtype = str(q.dtype).replace("torch.", "")
-    built = f"head dims {head_dims} in {[str(t).replace('torch.', '') for t in dtypes]}"
-    reason = unavailable_reason("triton", q.device)
-    if reason is not None:
-        raise ValueError(f"q: the cuda flash attention is built for {built}, got head dim {d} in {dtype}, and the "
-                         f"triton fallback is unavailable: {reason}")
-    if (d, q.dtype) not in _cuda_fallback_logged:
-        _cuda_fallback_logged.add((d, q.dtype))
-        logger.warning("flash_attention: the cuda backend is built for %s, got head dim %d in %s; using triton",
-                       built, d, dtype)
-    return "triton"
-
 
 def _check_attention_inputs(q, k, v, causal, prefix_len, cu_seqlens, max_seqlen, softmax_scale):
     """Validate everything up front; returns (softmax_scale, prefix_len normalised)."""
@@ -209,7 +179,10 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, pr
         return reference.flash_attention(q, k, v, causal=causal, prefix_len=prefix_len, cu_seqlens=cu_seqlens,
                                          max_seqlen=max_seqlen, softmax_scale=softmax_scale, return_lse=return_lse)
     check_kernel_dtype("q", q, chosen)
-    chosen = _kernel_backend(chosen, q)
+    try:
+        chosen = attention_backend(q.shape[-1], q.dtype, chosen, q.device)
+    except ValueError as e:
+        raise ValueError(f"q: {e}") from None
     prefix = None
     if prefix_len is not None:
         causal = True

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from . import reference
+from .reference import IGNORE_INDEX
 from ._checks import INDEX_DTYPES, check_choice, check_kernel_dtype, check_same_device, check_tensor
 from ._dispatch import kernels, resolve_backend
 
@@ -61,7 +62,7 @@ def _ce_backward(ctx, dloss, _dlse):
 _ce_fwd.register_autograd(_ce_backward, setup_context=_ce_setup_context)
 
 
-def cross_entropy(logits: Tensor, target: Tensor, *, ignore_index: int = -100, reduction: str = "mean",
+def cross_entropy(logits: Tensor, target: Tensor, *, ignore_index: int = IGNORE_INDEX, reduction: str = "mean",
                   backend: Optional[str] = None) -> Tensor:
     """Cross-entropy of `logits` (..., V) against integer class indices `target` (...).
 

@@ -15,8 +15,8 @@ Where the extension comes from, first hit wins:
 The build is attempted the first time the backend is needed on a machine with a CUDA device;
 `unavailable_reason()` then says why the backend cannot run (None when it can).
 
-Flash attention runs the CUDA kernels for float16/bfloat16 and the head dims in FLASH_HEAD_DIMS;
-any other case that reaches these launchers runs the triton kernels instead (logged once).
+The flash attention kernels are built for float16/bfloat16 and the head dims in FLASH_HEAD_DIMS;
+`ops.attention_backend` sends every other case to triton before it reaches these launchers.
 
     python -m mmgpt_engine.ops.cuda --build     # build for TORCH_CUDA_ARCH_LIST (default 8.0;9.0)
 """
@@ -37,7 +37,7 @@ import torch
 
 from . import _cuda_build as cfg
 
-# Head dims and dtypes the CUDA flash attention is compiled for; others run on triton.
+# Head dims and dtypes the CUDA flash attention is compiled for (see ops.attention_backend).
 FLASH_HEAD_DIMS = (64, 128)
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
 logger = logging.getLogger(__name__)
@@ -221,41 +221,13 @@ def cross_entropy_bwd(dloss, logits, target, lse, ignore_index):
     return extension().cross_entropy_bwd(dloss, logits, target, lse, int(ignore_index))
 
 
-_flash_fallback_logged: set = set()
-
-
-def _flash_kernels(q):
-    """This module, or the triton launchers for a dtype / head dim the CUDA kernels are not built
-    for (float32, head dims outside FLASH_HEAD_DIMS): the custom ops called with backend="cuda"
-    then still run, forward and backward on the same backend (logged once per case)."""
-    d = q.shape[-1]
-    if q.dtype in FLASH_DTYPES and d in FLASH_HEAD_DIMS:
-        return None
-    key = (q.dtype, d)
-    if key not in _flash_fallback_logged:
-        _flash_fallback_logged.add(key)
-        logger.warning("cuda flash attention: built for %s and head dims %s, got %s with head dim %d; using triton",
-                       [str(t).replace("torch.", "") for t in FLASH_DTYPES], FLASH_HEAD_DIMS,
-                       str(q.dtype).replace("torch.", ""), d)
-    from .triton import flash_attention as triton_flash
-
-    return triton_flash
-
-
 def flash_attn_fwd(q, k, v, cu_seqlens, max_seqlen, prefix, causal, softmax_scale):
-    fallback = _flash_kernels(q)
-    if fallback is not None:
-        return fallback.flash_attn_fwd(q, k, v, cu_seqlens, max_seqlen, prefix, causal, softmax_scale)
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    return extension().flash_attn_fwd(q, k, v, cu_seqlens, max_seqlen, prefix, bool(causal), scale)
+    return extension().flash_attn_fwd(q, k, v, cu_seqlens, max_seqlen, prefix, bool(causal), float(softmax_scale))
 
 
 def flash_attn_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, prefix, causal, softmax_scale):
-    fallback = _flash_kernels(q)
-    if fallback is not None:
-        return fallback.flash_attn_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, prefix, causal, softmax_scale)
-    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    return extension().flash_attn_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, prefix, bool(causal), scale)
+    return extension().flash_attn_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, prefix, bool(causal),
+                                      float(softmax_scale))
 
 
 # ------------------------------------------------------------------------------------- CLI

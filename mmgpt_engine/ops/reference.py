@@ -10,6 +10,9 @@ from typing import Optional
 
 import torch
 
+# the target value that cross-entropy skips (PyTorch's and Hugging Face's convention)
+IGNORE_INDEX = -100
+
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -77,7 +80,7 @@ def softmax(x, scale=1.0, mask=None, causal=False):
 
 
 # --------------------------------------------------------------------------------- cross-entropy
-def cross_entropy(logits, target, ignore_index=-100, reduction="mean"):
+def cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="mean"):
     """Softmax cross-entropy over the last dim of `logits` (..., V) with integer `target` (...).
 
     Rows whose target is `ignore_index` contribute 0. `mean` divides by the number of

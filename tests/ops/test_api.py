@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from mmgpt_engine import ops
 from mmgpt_engine.ops import reference
 from mmgpt_engine.ops._dispatch import resolve_backend
-from tests.conftest import DEVICE, HAS_CUDA
+from tests.helpers import DEVICE, HAS_CUDA
 
 CPU = torch.device("cpu")
 

@@ -6,8 +6,7 @@ from hypothesis import strategies as st
 
 from mmgpt_engine import ops
 from mmgpt_engine.ops import reference
-from tests.conftest import DEVICE
-from tests.helpers import assert_close_to_truth, kernel_backends
+from tests.helpers import DEVICE, check_fwd_bwd, kernel_backends
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -19,24 +18,17 @@ def _targets(shape, v, ignore_frac=0.25, ignore_index=-100):
 
 
 def check_ce(lead, v, dtype, backend, *, reduction="mean", ignore_index=-100, target=None):
-    logits0 = torch.randn(*lead, v, device=DEVICE) * 4
     target = _targets(lead, v, ignore_index=ignore_index) if target is None else target
-    shape = lead if reduction == "none" else ()
-    g = torch.randn(shape, device=DEVICE)
 
-    def run(fn, dt):
-        x = logits0.to(dt).clone().requires_grad_()
-        loss = fn(x)
-        loss.backward(g.to(loss.dtype))
-        return loss, x.grad
+    def kernel(x):
+        return ops.cross_entropy(x, target, ignore_index=ignore_index, reduction=reduction, backend=backend)
 
-    got, got_dx = run(lambda x: ops.cross_entropy(x, target, ignore_index=ignore_index, reduction=reduction,
-                                                  backend=backend), dtype)
-    truth, truth_dx = run(lambda x: reference.cross_entropy(x, target, ignore_index, reduction), torch.float64)
-    lowp, lowp_dx = run(lambda x: reference.cross_entropy(x, target, ignore_index, reduction).float(), dtype)
+    def ref(x):
+        loss = reference.cross_entropy(x, target, ignore_index, reduction)
+        return loss if x.dtype == torch.float64 else loss.float()
+
+    (got,), (got_dx,) = check_fwd_bwd(kernel, ref, [torch.randn(*lead, v, device=DEVICE) * 4], dtype, ["ce logits"])
     assert got.dtype == torch.float32 and got_dx.dtype == dtype
-    assert_close_to_truth("ce loss", got, truth, lowp)
-    assert_close_to_truth("ce dlogits", got_dx, truth_dx, lowp_dx)
     return got
 
 

@@ -20,7 +20,7 @@ import torch
 from mmgpt_engine import ops
 from mmgpt_engine.ops import _cuda_build as cfg
 from mmgpt_engine.ops import cuda
-from tests.conftest import HAS_CUDA
+from tests.helpers import HAS_CUDA
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_ARCHS = "8.0;9.0"

@@ -13,8 +13,7 @@ from hypothesis import strategies as st
 
 from mmgpt_engine import ops
 from mmgpt_engine.ops import attention, reference
-from tests.conftest import DEVICE
-from tests.helpers import assert_close_to_truth, kernel_backends
+from tests.helpers import DEVICE, check_fwd_bwd, kernel_backends
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 
@@ -29,30 +28,9 @@ def _make(b, s_q, s_k, h, h_kv, d, *, strided=False):
             torch.randn(b, s_k, h_kv, d, device=DEVICE))
 
 
-def _run(fn, qkv, dout, dtype):
-    """Forward with lse + backward; inputs cast to dtype keeping their strides."""
-    leaves = []
-    for t in qkv:
-        x = torch.empty_strided(t.shape, t.stride(), dtype=dtype, device=t.device)
-        x.copy_(t)
-        leaves.append(x.requires_grad_())
-    out, lse = fn(*leaves)
-    out.backward(dout.to(dtype))
-    return out, lse, [x.grad for x in leaves]
-
-
-def _check_lse(got, truth, lowp):
-    """lse is -inf exactly where a query sees no key; elsewhere close to the truth."""
-    assert got.dtype == torch.float32
-    dead = torch.isneginf(truth)
-    assert torch.equal(torch.isneginf(got), dead), "lse: -inf pattern differs from the reference"
-    live = ~dead
-    assert_close_to_truth("lse", got[live], truth[live], lowp[live])
-
-
 def check_attention(backend, dtype, b, s_q, s_k, h, h_kv, d, *, strided=False, **kwargs):
+    """out, lse (-inf exactly where a query sees no key) and dq/dk/dv against the float64 reference."""
     qkv = _make(b, s_q, s_k, h, h_kv, d, strided=strided)
-    dout = torch.randn(b, s_q, h, d, device=DEVICE)
 
     def kernel(q, k, v):
         if strided:
@@ -62,16 +40,9 @@ def check_attention(backend, dtype, b, s_q, s_k, h, h_kv, d, *, strided=False, *
     def ref(q, k, v):
         return reference.flash_attention(q, k, v, return_lse=True, **kwargs)
 
-    got, got_lse, got_g = _run(kernel, qkv, dout, dtype)
-    truth, truth_lse, truth_g = _run(ref, qkv, dout, torch.float64)
-    lowp, lowp_lse, lowp_g = _run(ref, qkv, dout, dtype)
+    (got, got_lse), _ = check_fwd_bwd(kernel, ref, qkv, dtype, "qkv", n_grad_outputs=1)
     assert got.dtype == dtype and got.shape == (b, s_q, h, d) and got_lse.shape == (b, h, s_q)
-    assert not got_lse.requires_grad
-    assert_close_to_truth("out", got, truth, lowp)
-    _check_lse(got_lse, truth_lse, lowp_lse)
-    for name, a, t, lp in zip(("dq", "dk", "dv"), got_g, truth_g, lowp_g):
-        assert a.shape == t.shape
-        assert_close_to_truth(name, a, t, lp)
+    assert got_lse.dtype == torch.float32 and not got_lse.requires_grad
     return got, got_lse
 
 
@@ -234,26 +205,35 @@ def test_flash_attention_opcheck(varlen, backend):
 
 
 def test_cuda_backend_falls_back_to_triton_for_unsupported_head_dims(monkeypatch, caplog):
+    from mmgpt_engine.ops import _dispatch
     from mmgpt_engine.ops import cuda as cuda_backend
 
     if "triton" not in ops.available_backends(DEVICE):
         pytest.skip("triton is not available here")
     monkeypatch.setattr(cuda_backend, "FLASH_HEAD_DIMS", (64, 128), raising=False)
-    monkeypatch.setattr(attention, "_cuda_fallback_logged", set())
-    q = torch.randn(1, 4, 2, 80, device=DEVICE, dtype=torch.float16)
-    with caplog.at_level(logging.INFO, logger=attention.__name__):
-        assert attention._kernel_backend("cuda", q) == "triton"
-        assert attention._kernel_backend("cuda", q) == "triton"
+    monkeypatch.setattr(_dispatch, "_attention_fallback_logged", set())
+    f16 = torch.float16
+    with caplog.at_level(logging.INFO, logger=_dispatch.__name__):
+        assert ops.attention_backend(80, f16, "cuda", DEVICE) == "triton"
+        assert ops.attention_backend(80, f16, "cuda", DEVICE) == "triton"
     assert sum("head dim" in r.getMessage() for r in caplog.records) == 1  # logged once
-    assert attention._kernel_backend("cuda", q[..., :64].contiguous()) == "cuda"
-    assert attention._kernel_backend("cuda", q[..., :64].float()) == "triton"  # float32: not built for it
-    assert attention._kernel_backend("triton", q) == "triton"
-    if DEVICE == "cpu":  # where triton cannot run, the error names q and says why
+    assert ops.attention_backend(64, f16, "cuda", DEVICE) == "cuda"
+    assert ops.attention_backend(64, torch.float32, "cuda", DEVICE) == "triton"  # float32: not built for it
+    assert ops.attention_backend(80, f16, "triton", DEVICE) == "triton"
+    assert ops.attention_backend(80, f16, "torch", DEVICE) == "torch"
+    with pytest.raises(ValueError, match=r"^backend: expected one of \['torch', 'triton', 'cuda'\], got 'flash'"):
+        ops.attention_backend(64, f16, "flash", DEVICE)
+    if DEVICE == "cpu":  # where triton cannot run, flash_attention's error names q and says why
         monkeypatch.setenv("TRITON_INTERPRET", "0")
-        with pytest.raises(ValueError, match=r"^q: the cuda flash attention is built for head dims \(64, 128\) "
+        with pytest.raises(ValueError, match=r"^the cuda flash attention is built for head dims \(64, 128\) "
                                              r"in \['float16', 'bfloat16'\], got head dim 80 in float16, and the "
                                              r"triton fallback is unavailable: .*TRITON_INTERPRET"):
-            attention._kernel_backend("cuda", q)
+            ops.attention_backend(80, f16, "cuda", DEVICE)
+        monkeypatch.setattr(_dispatch, "unavailable_reason",
+                            lambda b, d=None: None if b == "cuda" else "triton is gone")
+        q = torch.randn(1, 4, 2, 80, device=DEVICE, dtype=f16)
+        with pytest.raises(ValueError, match=r"^q: the cuda flash attention is built for .*triton is gone"):
+            ops.flash_attention(q, q, q, backend="cuda")
 
 
 # ------------------------------------------------------------------------------------ bad input

@@ -12,7 +12,7 @@ import torch
 
 from mmgpt_engine.ops import _dispatch
 from mmgpt_engine.ops.triton import flash_attention as fa
-from tests.conftest import DEVICE
+from tests.helpers import DEVICE
 from tests.ops.test_flash_attention import _cu, check_attention
 
 pytestmark = pytest.mark.skipif("triton" not in _dispatch.available_backends(DEVICE) or not

@@ -6,29 +6,22 @@ from hypothesis import strategies as st
 
 from mmgpt_engine import ops
 from mmgpt_engine.ops import reference
-from tests.conftest import DEVICE
-from tests.helpers import assert_close_to_truth, kernel_backends
+from tests.helpers import DEVICE, check_fwd_bwd, kernel_backends
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def check_softmax(shape, dtype, backend, *, scale=1.0, mask=None, causal=False):
-    x0 = torch.randn(shape, device=DEVICE) * 3
-    dy = torch.randn(shape, device=DEVICE)
-
-    def run(fn, dt):
-        x = x0.to(dt).clone().requires_grad_()
-        y = fn(x)
-        y.backward(dy.to(dt))
-        return y, x.grad
-
     m64 = mask.double() if mask is not None and mask.dtype != torch.bool else mask
-    got, got_dx = run(lambda x: ops.softmax(x, scale=scale, mask=mask, causal=causal, backend=backend), dtype)
-    truth, truth_dx = run(lambda x: reference.softmax(x, scale, m64, causal), torch.float64)
-    lowp, lowp_dx = run(lambda x: reference.softmax(x, scale, mask, causal), dtype)
+
+    def kernel(x):
+        return ops.softmax(x, scale=scale, mask=mask, causal=causal, backend=backend)
+
+    def ref(x):
+        return reference.softmax(x, scale, m64 if x.dtype == torch.float64 else mask, causal)
+
+    (got,), _ = check_fwd_bwd(kernel, ref, [torch.randn(shape, device=DEVICE) * 3], dtype, ["softmax x"])
     assert got.dtype == dtype
-    assert_close_to_truth("softmax y", got, truth, lowp)
-    assert_close_to_truth("softmax dx", got_dx, truth_dx, lowp_dx)
     return got
 
 

@@ -37,9 +37,11 @@ import torch
 import triton
 import triton.language as tl
 
-from .._dispatch import triton_interpreted
+from .._interpret import triton_interpreted
 
-LOG2E = 1.4426950408889634
+# the online softmax runs in base 2 (exp2/log2 are the fast units); lse is stored in base e
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -190,7 +192,7 @@ def attention_fwd_kernel(
     seen = l_i > 0.0
     out = acc / tl.where(seen, l_i, 1.0)[:, None]
     # back from base 2 to the natural-log lse of the contract (times ln 2)
-    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * 0.6931471805599453, float("-inf"))
+    lse = tl.where(seen, (m_i + tl.math.log2(tl.where(seen, l_i, 1.0))) * LN2, float("-inf"))
     o_base = O + batch * stride_ob + row0 * stride_os + h * stride_oh
     o_mask = (offs_m[:, None] < len_q) & (offs_d[None, :] < HEAD_DIM)
     tl.store(o_base + offs_m[:, None] * stride_os + offs_d[None, :], out.to(O.dtype.element_ty), mask=o_mask)
@@ -231,7 +233,7 @@ def _bwd_dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride
         q, do = _load_tile_pair(q_base, stride_qs, do_base, stride_dos, offs_m, len_q, offs_d,
                                 HEAD_DIM, True, PAD_D, UPCAST)
         lse = tl.load(lse_base + offs_m, mask=in_q, other=float("inf"))
-        lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+        lse = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
         delta = tl.load(delta_base + offs_m, mask=in_q, other=0.0)
         s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * qk_scale
         p_t = tl.math.exp2(s_t - lse[None, :])
@@ -353,7 +355,7 @@ def attention_bwd_dq_kernel(
                             offs_m, len_q, offs_d, HEAD_DIM, True, PAD_D, UPCAST)
     row_base = (batch * H + h) * lse_len + row0
     lse = tl.load(LSE + row_base + offs_m, mask=in_q, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
     delta = tl.load(DELTA + row_base + offs_m, mask=in_q, other=0.0)
     k_base = K + batch * stride_kb + row0 * stride_ks + (h // GROUP) * stride_kh
     v_base = V + batch * stride_vb + row0 * stride_vs + (h // GROUP) * stride_vh
@@ -372,11 +374,10 @@ def attention_bwd_dq_kernel(
 
 # ------------------------------------------------------------------------------ configs + launch
 # (BLOCK_M, BLOCK_N, num_warps, num_stages). Hopper has 228 KB of shared memory per SM and wgmma
-# wants 128-row tiles with 8 warps; Ampere (164 KB on A100) favours 4-warp 128x64 tiles. Compiled
-# offline for sm_90/sm_80 (`python -m benchmarks.resources --head-dims 32,64,128,256`, Triton 3.6
-# and 3.8, as a launch with aligned pointers and strides specializes them): each head dim up to 256
-# keeps, after `_pruner`, at least one config without register spills, and every kept config's
-# loads are software-pipelined (cp.async); tests/ops/test_triton_compile.py checks both. The
+# wants 128-row tiles with 8 warps; Ampere (164 KB on A100) favours 4-warp 128x64 tiles. Each head
+# dim up to 256 keeps, after `_pruner`, at least one config without register spills, and every kept
+# config's loads are software-pipelined (cp.async): tests/ops/test_triton_compile.py compiles them
+# for sm_80/sm_90 and checks both (`python -m benchmarks.resources` prints the report). The
 # autotuner measures the survivors.
 _FWD_CONFIGS = {
     "hopper": [(128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 8, 4), (128, 64, 4, 3), (128, 32, 8, 3),
@@ -402,7 +403,7 @@ DELTA_BLOCK_M = 64
 
 # Opt-in shared memory per block (bytes) where the device cannot be asked: A100, H100/H200.
 SMEM_LIMIT = {"ampere": 163 * 1024, "hopper": 227 * 1024}
-SMEM_SCRATCH = 2048  # beyond the operand tiles (reductions, barriers): up to 1 KB seen (sm_90 dK/dV)
+SMEM_SCRATCH = 2048  # beyond the operand tiles (reductions, barriers); benchmarks.resources reports the real use
 CONFIG_TABLES = {"fwd": _FWD_CONFIGS, "dkdv": _DKDV_CONFIGS, "dq": _DQ_CONFIGS}
 
 
@@ -430,8 +431,8 @@ def _smem_limit() -> int:
 
 def smem_estimate(kind: str, block_m: int, block_n: int, num_stages: int, block_d: int, elt: int) -> int:
     """Bytes of shared memory a config needs at most: the pipelined operand tiles, the tiles held
-    for the whole program, and a reduction scratch (an upper bound on what Triton 3.6-3.8 allocate
-    for these kernels; `python -m benchmarks.resources` compares)."""
+    for the whole program, and a reduction scratch (an upper bound on what Triton allocates for
+    these kernels; `python -m benchmarks.resources` compares)."""
     stages = max(num_stages, 1)
     if kind == "fwd":
         tiles = stages * 2 * block_n * block_d + block_m * block_d
@@ -447,7 +448,7 @@ def config_fits(kind: str, block_m: int, block_n: int, num_warps: int, num_stage
     """Whether a config can fit: `smem_estimate` within the limit, and the fp32 accumulators in at
     most 64 registers a thread for 16-bit inputs, 32 for float32 ones (the operand tiles held in
     registers beside them grow with the element size, and float32's IEEE dots run on the CUDA
-    cores with the score tile in registers too; past that the offline compiles spilled)."""
+    cores with the score tile in registers too; past that the compiled kernels spill)."""
     acc = (2 * block_n if kind == "dkdv" else block_m) * block_d
     if elt >= 4:
         acc += block_m * block_n
@@ -507,7 +508,7 @@ def flash_attn_fwd(q, k, v, cu_seqlens, max_seqlen, prefix, causal, softmax_scal
     _fwd[lambda c: (n_batch * h, triton.cdiv(rows_q, c["BLOCK_M"]))](
         q, k, v, out, lse, cu_seqlens if cu_seqlens is not None else dummy, prefix if prefix is not None else dummy,
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
-        h, h // h_kv, s_q, s_k, s_q, softmax_scale * LOG2E, bucket, **meta,
+        h, h // h_kv, s_q, s_k, s_q, softmax_scale * LOG2E.value, bucket, **meta,
     )
     return out, lse
 
@@ -529,11 +530,11 @@ def flash_attn_bwd(dout, q, k, v, out, lse, cu_seqlens, max_seqlen, prefix, caus
     _dkdv[lambda c: (n_batch * h_kv, triton.cdiv(rows_k, c["BLOCK_N"]))](
         q, k, v, dout, lse, delta, dk, dv, cu, pre,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),
-        h, h_kv, h // h_kv, s_q, s_k, s_q, softmax_scale * LOG2E, softmax_scale, bucket, **meta,
+        h, h_kv, h // h_kv, s_q, s_k, s_q, softmax_scale * LOG2E.value, softmax_scale, bucket, **meta,
     )
     _dq[lambda c: (n_batch * h, triton.cdiv(rows_q, c["BLOCK_M"]))](
         q, k, v, dout, lse, delta, dq, cu, pre,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
-        h, h // h_kv, s_q, s_k, s_q, softmax_scale * LOG2E, softmax_scale, bucket, **meta,
+        h, h // h_kv, s_q, s_k, s_q, softmax_scale * LOG2E.value, softmax_scale, bucket, **meta,
     )
     return dq, dk, dv
