@@ -1,12 +1,15 @@
 """Data: tokenizers, the captioning datasets (built-in shapes, WebDataset shards, JSONL
-manifests), image preprocessing and batch collation. `build_dataset` + `make_collate` are what
-the trainer calls; see `build.py`."""
+manifests), text encoding, image preprocessing and batch collation. `get_tokenizer`,
+`build_dataset` and `make_collate` are what the trainer calls; see `build.py`. Knows no model:
+sizes (image size, channels, text length) are given as numbers."""
 import importlib
 
 _EXPORTS = {
-    "build_dataset": "build", "KINDS": "build",
-    "make_collate": "collate", "Collator": "collate", "encode_caption": "collate",
-    "get_tokenizer": "tokenizer", "ByteTokenizer": "tokenizer", "HFTokenizer": "tokenizer", "train_bpe": "tokenizer",
+    "build_dataset": "build", "KINDS": "build", "get_tokenizer": "build", "BUILTIN_TOKENIZERS": "build",
+    "make_collate": "collate", "Collator": "collate",
+    "encode_caption": "text", "encode_caption_counted": "text", "trim_at_eos": "text",
+    "ByteTokenizer": "tokenizer", "HFTokenizer": "tokenizer", "train_bpe": "tokenizer", "load_tokenizer": "tokenizer",
+    "word_tokenizer": "tokenizer", "tokenizer_fingerprint": "tokenizer",
     "ShapesCaptionDataset": "shapes", "WebDatasetCaptions": "shards", "write_shard": "shards",
     "JsonlCaptionDataset": "jsonl", "preprocess_image": "image",
 }

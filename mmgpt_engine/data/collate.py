@@ -3,13 +3,13 @@
 A sample (what every dataset here yields) is a dict:
     image      float32 (C, S, S) normalised (optional: text-only samples have none)
     input_ids  int64 (T,)   [bos] prompt caption [eos]
-    labels     int64 (T,)   input_ids with -100 on bos and the prompt (aligned, the model shifts)
+    labels     int64 (T,)   input_ids with IGNORE_INDEX (-100) on bos and the prompt (aligned; see text.py)
     text       the caption;  skipped: samples dropped (undecodable/missing) before this one, optional
     truncated  1 when the caption was cut to max_text_len tokens (optional)
 
 Two batch layouts (`make_collate(mode=...)`), both with `n_skipped`, the samples dropped on the
 way to this batch, and `n_truncated`, its captions cut to fit (counters for the trainer to sum):
-    pad   input_ids/labels (B, T_max) right-padded with pad_id / -100, images (B, C, S, S)
+    pad   input_ids/labels (B, T_max) right-padded with pad_id / IGNORE_INDEX, images (B, C, S, S)
     pack  the batch's samples back to back in one row, flash-attn varlen style: input_ids/labels
           (1, sum T), cu_seqlens int32 (B + 1,) text offsets, images (B, C, S, S); no padding,
           MultimodalGPT keeps each sample's attention and loss to itself
@@ -20,33 +20,9 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..ops import IGNORE_INDEX
+
 MODES = ("pad", "pack")
-
-
-def encode_caption(tokenizer, text: str, prompt: Optional[str] = None,
-                   max_len: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, labels) for one sample; truncated to max_len tokens (the eos goes first)."""
-    ids, labels, _ = encode_caption_counted(tokenizer, text, prompt, max_len)
-    return ids, labels
-
-
-def encode_caption_counted(tokenizer, text: str, prompt: Optional[str] = None,
-                           max_len: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """encode_caption, plus how many tokens the truncation cut (0: the caption fits). Datasets put
-    `truncated` (0/1) on the sample, collate sums it into the batch's `n_truncated`, the trainer
-    counts and reports it. A caption cut down to nothing scored (a long prompt) gives all-ignored
-    labels: a zero loss contribution, not NaN."""
-    prompt_ids = tokenizer.encode(prompt) if prompt else []
-    text_ids = tokenizer.encode(text) + [tokenizer.eos_id]
-    ids = [tokenizer.bos_id] + prompt_ids + text_ids
-    labels = [-100] * (1 + len(prompt_ids)) + text_ids
-    cut = 0
-    if max_len is not None:
-        if max_len < 2:
-            raise ValueError(f"max_len: expected >= 2 (bos and one token), got {max_len}")
-        cut = max(0, len(ids) - max_len)
-        ids, labels = ids[:max_len], labels[:max_len]
-    return torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long), cut
 
 
 class Collator:
@@ -81,7 +57,7 @@ class Collator:
         if self.pad_to_multiple_of:
             t = -(-t // self.pad_to_multiple_of) * self.pad_to_multiple_of
         input_ids = torch.full((len(samples), t), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(samples), t), -100, dtype=torch.long)
+        labels = torch.full((len(samples), t), IGNORE_INDEX, dtype=torch.long)
         for i, s in enumerate(samples):
             n = s["input_ids"].numel()
             input_ids[i, :n] = s["input_ids"]
@@ -97,11 +73,10 @@ class Collator:
                 "cu_seqlens": cu}
 
 
-def make_collate(tokenizer=None, config=None, mode: str = "pad", pad_to_multiple_of: Optional[int] = None) -> Collator:
-    """The collate_fn for a DataLoader over any dataset built here. `config` is accepted for
-    symmetry with build_dataset (lengths are already capped there)."""
+def make_collate(tokenizer=None, mode: str = "pad", pad_to_multiple_of: Optional[int] = None) -> Collator:
+    """The collate_fn for a DataLoader over any dataset built here (lengths are capped there)."""
     if tokenizer is None:
-        from .tokenizer import get_tokenizer
+        from .tokenizer import ByteTokenizer
 
-        tokenizer = get_tokenizer()
+        tokenizer = ByteTokenizer()
     return Collator(tokenizer.pad_id, mode=mode, pad_to_multiple_of=pad_to_multiple_of)

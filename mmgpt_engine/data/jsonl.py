@@ -17,8 +17,9 @@ from typing import Optional
 
 import torch
 
-from .collate import encode_caption_counted
 from .image import preprocess_image
+from .text import encode_caption_counted
+from .tokenizer import ByteTokenizer
 
 
 def _record_text(record: dict) -> tuple[str, Optional[str]]:
@@ -35,8 +36,6 @@ def _record_text(record: dict) -> tuple[str, Optional[str]]:
 class JsonlCaptionDataset(torch.utils.data.Dataset):
     def __init__(self, path, tokenizer=None, image_size: int = 32, in_channels: int = 3,
                  max_text_len: Optional[int] = None, image_root=None):
-        from .tokenizer import get_tokenizer
-
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"path: expected a JSONL manifest file, got {str(path)!r} (no such file)")
@@ -44,7 +43,7 @@ class JsonlCaptionDataset(torch.utils.data.Dataset):
         self.lines = [ln for ln in self.path.read_text(encoding="utf-8").splitlines() if ln.strip()]
         if not self.lines:
             raise ValueError(f"path: expected at least one record in {str(path)!r}, got an empty manifest")
-        self.tokenizer = tokenizer if tokenizer is not None else get_tokenizer()
+        self.tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
         self.image_size, self.in_channels, self.max_text_len = image_size, in_channels, max_text_len
         self.skipped = 0
 

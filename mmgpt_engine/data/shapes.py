@@ -16,8 +16,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .collate import encode_caption
 from .image import normalize
+from .text import encode_caption
+from .tokenizer import ByteTokenizer
 
 SPLITS = ("train", "val", "test")
 DEFAULT_SIZES = {"train": 100_000, "val": 1_000, "test": 1_000}
@@ -107,10 +108,8 @@ class ShapesCaptionDataset(torch.utils.data.Dataset):
             raise ValueError(f"size: expected a positive int or None, got {size!r}")
         if in_channels not in (1, 3):
             raise ValueError(f"in_channels: expected 1 or 3, got {in_channels}")
-        from .tokenizer import get_tokenizer
-
         self.split, self.seed, self.image_size, self.in_channels = split, int(seed), image_size, in_channels
-        self.tokenizer = tokenizer if tokenizer is not None else get_tokenizer()
+        self.tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
         self.max_text_len = max_text_len
         self.size = DEFAULT_SIZES[split] if size is None else size
 

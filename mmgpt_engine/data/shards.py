@@ -25,8 +25,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from .collate import encode_caption_counted
 from .image import preprocess_image
+from .text import encode_caption_counted
+from .tokenizer import ByteTokenizer
 
 logger = logging.getLogger("mmgpt_engine.data")
 LOGGED_SKIPS = 50
@@ -67,12 +68,10 @@ class WebDatasetCaptions(torch.utils.data.IterableDataset):
     def __init__(self, path, tokenizer=None, image_size: int = 32, in_channels: int = 3,
                  max_text_len: Optional[int] = None, rank: int = 0, world_size: int = 1, seed: int = 0,
                  shuffle: bool = True, shuffle_buffer: int = 1000):
-        from .tokenizer import get_tokenizer
-
         if not 0 <= rank < world_size:
             raise ValueError(f"rank: expected 0 <= rank < world_size ({world_size}), got {rank}")
         self.urls = expand_shards(path)
-        self.tokenizer = tokenizer if tokenizer is not None else get_tokenizer()
+        self.tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
         self.image_size, self.in_channels, self.max_text_len = image_size, in_channels, max_text_len
         self.rank, self.world_size, self.seed = rank, world_size, int(seed)
         self.shuffle, self.shuffle_buffer = shuffle, shuffle_buffer

@@ -1,9 +1,9 @@
 """Tokenizers: a byte-level default that needs no files, and any Hugging Face `tokenizers`
 tokenizer.json. Both expose the same small interface:
 
-    tok = get_tokenizer()                       # bytes 0..255 + <bos> 256, <eos> 257, <pad> 258
-    tok = get_tokenizer("path/tokenizer.json")  # or a folder holding one (e.g. a saved checkpoint)
-    tok = get_tokenizer("shapes")               # one id per word of the built-in captions (21 ids)
+    tok = load_tokenizer()                       # bytes 0..255 + <bos> 256, <eos> 257, <pad> 258
+    tok = load_tokenizer("path/tokenizer.json")  # or a folder holding one (e.g. a saved checkpoint)
+    tok = word_tokenizer(["a", "red", "circle"])  # one id per word (+ the special tokens and <unk>)
     ids = tok.encode("a red circle"); tok.decode(ids) == "a red circle"
     tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size; tok.save_pretrained(folder)
 
@@ -23,7 +23,6 @@ from typing import Iterable, Optional, Sequence
 CONFIG_NAME = "tokenizer_config.json"
 TOKENIZER_NAME = "tokenizer.json"
 SPECIAL_TOKENS = ("<bos>", "<eos>", "<pad>")
-BUILTIN = ("byte", "shapes")  # names get_tokenizer knows without any file
 # names under which common tokenizer.json files carry their special tokens, most specific first
 _BOS_NAMES = ("<bos>", "<s>", "<|bos|>", "<|begin_of_text|>", "[CLS]", "<|endoftext|>")
 _EOS_NAMES = ("<eos>", "</s>", "<|eos|>", "<|end_of_text|>", "[SEP]", "<|endoftext|>")
@@ -110,19 +109,16 @@ class HFTokenizer:
         return f"HFTokenizer({self.source!r}, vocab_size={self.vocab_size})"
 
 
-def shapes_word_tokenizer() -> HFTokenizer:
-    """A word-level tokenizer over the built-in shapes captions' words (built in memory, no files):
-    captions become ~10 tokens instead of ~50 bytes, so the tiny model learns to caption sooner.
-    Words outside the vocabulary become <unk>."""
+def word_tokenizer(words: Sequence[str], source: str = "words") -> HFTokenizer:
+    """A word-level tokenizer over `words` (built in memory, no files): the special tokens, <unk>,
+    then one id per word, in the order given. Text splits on whitespace; other words become <unk>."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    from .shapes import caption_vocabulary
-
-    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS + ("<unk>",) + tuple(caption_vocabulary()))}
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(SPECIAL_TOKENS + ("<unk>",) + tuple(words)))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok.add_special_tokens(list(SPECIAL_TOKENS))  # already in the vocab: marks them skippable on decode
-    return HFTokenizer(tok, source="shapes")
+    return HFTokenizer(tok, source=source)
 
 
 def tokenizer_fingerprint(tokenizer) -> dict:
@@ -137,16 +133,14 @@ def tokenizer_fingerprint(tokenizer) -> dict:
             "sha256": hashlib.sha256(definition.encode()).hexdigest()[:16]}
 
 
-def get_tokenizer(name_or_path: Optional[str | os.PathLike] = None):
-    """None or "byte": the byte tokenizer; "shapes": the word-level one for the built-in data.
-    A tokenizer.json file, or a folder holding one or a tokenizer_config.json (what
-    save_pretrained writes): that tokenizer."""
+def load_tokenizer(name_or_path: Optional[str | os.PathLike] = None):
+    """None or "byte": the byte tokenizer. A tokenizer.json file, or a folder holding one or a
+    tokenizer_config.json (what save_pretrained writes): that tokenizer. (`data.get_tokenizer`
+    also knows the built-in datasets' word tokenizers by name.)"""
     if name_or_path is None or name_or_path == "byte":
         return ByteTokenizer()
-    if name_or_path == "shapes":
-        return shapes_word_tokenizer()
     if not isinstance(name_or_path, (str, os.PathLike)):
-        raise TypeError(f"name_or_path: expected 'byte', 'shapes', a path or None, got {type(name_or_path).__name__}")
+        raise TypeError(f"name_or_path: expected 'byte', a path or None, got {type(name_or_path).__name__}")
     path = Path(name_or_path)
     if path.is_file():
         return HFTokenizer.from_file(path)
@@ -160,7 +154,7 @@ def get_tokenizer(name_or_path: Optional[str | os.PathLike] = None):
             raise ValueError(f"name_or_path: {str(path / CONFIG_NAME)!r} names tokenizer kind {kind!r} "
                              f"but there is no {TOKENIZER_NAME} beside it")
         raise FileNotFoundError(f"name_or_path: expected {TOKENIZER_NAME} or {CONFIG_NAME} in folder {str(path)!r}")
-    raise FileNotFoundError(f"name_or_path: expected 'byte', 'shapes', a tokenizer.json file or a folder, got {str(path)!r} "
+    raise FileNotFoundError(f"name_or_path: expected a tokenizer.json file or a folder, got {str(path)!r} "
                             f"(no such file or folder)")
 
 

@@ -112,7 +112,7 @@ def test_collation_errors():
 
 
 def test_truncation_is_counted_per_sample_and_per_batch():
-    from mmgpt_engine.data.collate import encode_caption_counted
+    from mmgpt_engine.data.text import encode_caption_counted
 
     tok = get_tokenizer()
     ids, labels, cut = encode_caption_counted(tok, "cat", max_len=3)
