@@ -47,6 +47,7 @@ class ModelConfig:
     vision_layers: int = 2
     vision_width: int = 128
     vision_heads: int = 4
+    vision_mlp_hidden: Optional[int] = None   # None -> 4 * vision_width
     # shared choices
     norm: str = "layernorm"
     norm_eps: float = 1e-5
@@ -63,8 +64,10 @@ class ModelConfig:
             self.n_kv_head = self.n_head
         if self.mlp_hidden is None:
             self.mlp_hidden = 4 * self.n_embd
+        if self.vision_mlp_hidden is None:
+            self.vision_mlp_hidden = 4 * self.vision_width
         for name in ("vocab_size", "n_layer", "n_head", "n_kv_head", "n_embd", "mlp_hidden", "max_seq_len",
-                     "image_size", "patch_size", "in_channels", "vision_width", "vision_heads"):
+                     "image_size", "patch_size", "in_channels", "vision_width", "vision_heads", "vision_mlp_hidden"):
             _check_int(name, getattr(self, name), minimum=1)
         _check_int("vision_layers", self.vision_layers, minimum=0)
         _check_choice("norm", self.norm, NORMS)
@@ -190,7 +193,8 @@ class ModelConfig:
         norm_p = w * (2 if self.norm == "layernorm" else 1)
         if self.vision_type == "vit":
             stem = c * p * p * w + w + self.n_image_tokens * w  # patch conv (+bias) + position table
-            block = (w * 3 * w + b * 3 * w) + (w * w + b * w) + (2 * w * 4 * w + b * 5 * w) + 2 * norm_p
+            m = self.vision_mlp_hidden
+            block = (w * 3 * w + b * 3 * w) + (w * w + b * w) + (2 * w * m + b * (m + w)) + 2 * norm_p
             blocks = self.vision_layers * block
         else:
             chans = self._cnn_channels()

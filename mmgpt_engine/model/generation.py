@@ -56,7 +56,7 @@ def _check_args(model, input_ids, images, max_new_tokens, temperature, top_k, eo
         raise ValueError(f"top_k: expected an int >= 1 or None, got {top_k!r}")
     if eos_token_id is not None and not 0 <= int(eos_token_id) < model.config.vocab_size:
         raise ValueError(f"eos_token_id: expected an id in [0, {model.config.vocab_size}), got {eos_token_id}")
-    model._check_inputs(input_ids, images, None, None)
+    model.check_inputs(input_ids, images)
     p = model.config.n_image_tokens if images is not None else 0
     need = p + input_ids.shape[1] + max_new_tokens
     if need > model.config.max_seq_len:
@@ -85,11 +85,11 @@ def generate(model, input_ids: Tensor, images: Optional[Tensor] = None, *, max_n
         step_ids, step_images = input_ids, image_embeds
         for _ in range(max_new_tokens):
             if cache is None:
-                x, layout = model._embed(out, image_embeds, None)
-                y = model._trunk(x, layout)
+                x, layout = model.embed(out, image_embeds)
+                y = model.hidden_states(x, layout)
             else:
-                x, layout = model._embed(step_ids, step_images, None, start=cache.length)
-                y = model._trunk(x, layout, cache)
+                x, layout = model.embed(step_ids, step_images, start=cache.length)
+                y = model.hidden_states(x, layout, cache)
                 cache.advance(x.shape[1])
             logits = model.logits(y[:, -1])
             token = _next_token(logits, temperature, top_k, generator)

@@ -7,7 +7,7 @@ Sequence: [image tokens (P) | text tokens (T)]. The image tokens see each other 
 sees the whole image and earlier text (`ops.flash_attention(..., prefix_len=P)`); no image token
 ever sees text. Without images the model is a plain causal GPT (GPT-2 exactly, see `from_hf_gpt2`).
 
-Labels follow Hugging Face: aligned with input_ids, -100 = not scored; the model shifts them
+Labels follow Hugging Face: aligned with input_ids, ops.IGNORE_INDEX (-100) = not scored; the model shifts them
 (the logits at text position t are scored against labels[t + 1]). Image positions have no logits
 and are never scored.
 
@@ -70,6 +70,7 @@ class MultimodalGPT(nn.Module):
         init_weights(self.vision, c.init_std, max(c.vision_layers, 1))
         if self.vision.config.vision_type == "vit":
             nn.init.normal_(self.vision.pos_embed, std=c.init_std)
+        self.gradient_checkpointing = c.gradient_checkpointing
         self.set_backend(backend)
 
     # ------------------------------------------------------------------------- settings
@@ -87,8 +88,10 @@ class MultimodalGPT(nn.Module):
                 m.backend = backend
 
     def gradient_checkpointing_enable(self, enabled: bool = True) -> None:
-        """Recompute each text block in backward (torch.utils.checkpoint) instead of storing it."""
-        self.config.gradient_checkpointing = bool(enabled)
+        """Recompute each text block in backward (torch.utils.checkpoint) instead of storing it.
+        A setting of this model only: its config (which other models may share) keeps the value
+        it was built with."""
+        self.gradient_checkpointing = bool(enabled)
 
     @property
     def n_image_tokens(self) -> int:
@@ -108,10 +111,10 @@ class MultimodalGPT(nn.Module):
     # ------------------------------------------------------------------------- forward
     def forward(self, input_ids: Tensor, images: Optional[Tensor] = None, labels: Optional[Tensor] = None,
                 cu_seqlens: Optional[Tensor] = None) -> ModelOutput:
-        self._check_inputs(input_ids, images, labels, cu_seqlens)
+        self.check_inputs(input_ids, images, labels, cu_seqlens)
         image_embeds = self.vision(images) if images is not None else None
-        x, layout = self._embed(input_ids, image_embeds, cu_seqlens)
-        y = self._trunk(x, layout)
+        x, layout = self.embed(input_ids, image_embeds, cu_seqlens)
+        y = self.hidden_states(x, layout)
         if layout.text_index is not None:
             y_text = y[0, layout.text_index].unsqueeze(0)
         else:
@@ -121,19 +124,19 @@ class MultimodalGPT(nn.Module):
         if labels is not None:
             # shift the (small, integer) labels rather than the logits, so the loss reads the logits
             # in place: target[t] = labels[t + 1]; the last position of every sample scores nothing
-            target = F.pad(labels[:, 1:], (0, 1), value=-100)
+            target = F.pad(labels[:, 1:], (0, 1), value=ops.IGNORE_INDEX)
             if cu_seqlens is not None:
-                target[0, cu_seqlens[1:].long() - 1] = -100
-            loss = ops.cross_entropy(logits, target, ignore_index=-100, backend=self._backend)
+                target[0, cu_seqlens[1:].long() - 1] = ops.IGNORE_INDEX
+            loss = ops.cross_entropy(logits, target, ignore_index=ops.IGNORE_INDEX, backend=self._backend)
         return ModelOutput(loss=loss, logits=logits)
 
     def logits(self, y: Tensor) -> Tensor:
         return F.linear(y, self.wte.weight) if self.lm_head is None else self.lm_head(y)
 
-    def _embed(self, input_ids: Tensor, image_embeds: Optional[Tensor], cu_seqlens: Optional[Tensor],
-               start: int = 0) -> tuple[Tensor, _Layout]:
+    def embed(self, input_ids: Tensor, image_embeds: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None,
+              start: int = 0) -> tuple[Tensor, _Layout]:
         """The fused [image | text] input (B, S, d) and its layout; `start` offsets the positions
-        (a KV-cached decode step)."""
+        (a KV-cached decode step). `image_embeds`: the vision encoder's output for the images."""
         b, t = input_ids.shape
         p = image_embeds.shape[1] if image_embeds is not None else 0
         text = self.wte(input_ids)
@@ -173,14 +176,16 @@ class MultimodalGPT(nn.Module):
         prefix = torch.full((n,), p, dtype=torch.int32, device=dev) if p else None
         return x, _Layout(positions.unsqueeze(0), prefix, fused_cu, int(lengths.max()), p, text_index)
 
-    def _trunk(self, x: Tensor, layout: _Layout, cache=None) -> Tensor:
+    def hidden_states(self, x: Tensor, layout: _Layout, cache=None) -> Tensor:
+        """The text blocks and the final norm over an embedded sequence (see `embed`); with a
+        `generation.KVCache`, one decode step that reads and extends the cache."""
         c = self.config
         rope = rope_tables(layout.positions, c.head_dim, c.rope_theta) if c.pos_embedding == "rope" else None
         # a decode step (one query row after the prefix) is plain causal, bottom-right aligned
         decoding = cache is not None and cache.length > 0
         kwargs = dict(causal=True, prefix_len=None if decoding else layout.prefix_len, cu_seqlens=layout.cu_seqlens,
                       max_seqlen=layout.max_seqlen, rope=rope, cache=cache)
-        use_ckpt = c.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
+        use_ckpt = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         h, delta = x, None
         for i, block in enumerate(self.blocks):
             if use_ckpt:
@@ -189,7 +194,8 @@ class MultimodalGPT(nn.Module):
                 h, delta = block(h, delta, layer_idx=i, **kwargs)
         return self.norm_f(h) if delta is None else self.norm_f(delta, residual=h)[0]
 
-    def _check_inputs(self, input_ids, images, labels, cu_seqlens):
+    def check_inputs(self, input_ids, images=None, labels=None, cu_seqlens=None) -> None:
+        """Raise TypeError/ValueError naming the argument when the inputs do not fit this model."""
         c = self.config
         if not isinstance(input_ids, Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
             got = input_ids.dtype if isinstance(input_ids, Tensor) else type(input_ids).__name__

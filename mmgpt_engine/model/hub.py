@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from ..atomic import write_atomic
 from .config import ModelConfig
 
 WEIGHTS_NAME = "model.safetensors"
@@ -29,19 +30,10 @@ def save_pretrained(model, directory, tokenizer=None) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    _write_then_rename(directory / CONFIG_NAME, model.config.to_json)
+    write_atomic(directory / CONFIG_NAME, model.config.to_json)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
-    _write_then_rename(directory / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
-
-
-def _write_then_rename(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(directory / WEIGHTS_NAME, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
 
 
 def find_pretrained_dir(directory) -> Path:

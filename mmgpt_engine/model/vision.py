@@ -24,7 +24,7 @@ class VisionEncoder(nn.Module):
             self.patch_embed = nn.Conv2d(c.in_channels, w, kernel_size=c.patch_size, stride=c.patch_size)
             self.pos_embed = nn.Parameter(torch.zeros(c.n_image_tokens, w))
             self.blocks = nn.ModuleList(
-                Block(w, c.vision_heads, c.vision_heads, 4 * w, norm=c.norm, eps=c.norm_eps, bias=c.bias,
+                Block(w, c.vision_heads, c.vision_heads, c.vision_mlp_hidden, norm=c.norm, eps=c.norm_eps, bias=c.bias,
                       dropout=c.dropout)
                 for _ in range(c.vision_layers)
             )

@@ -13,11 +13,12 @@ def test_loss_falls_and_uses_the_image():  # one torch thread: tests/model/conft
     cfg = ModelConfig.from_preset("tiny")
     tok = get_tokenizer("shapes")
     model = MultimodalGPT(cfg, backend="torch")
-    train = build_dataset("shapes", split="train", tokenizer=tok, config=cfg, seed=0)
-    collate = make_collate(tok, cfg)
+    sizes = dict(image_size=cfg.image_size, in_channels=cfg.in_channels, max_text_len=cfg.max_text_len)
+    train = build_dataset("shapes", split="train", tokenizer=tok, seed=0, **sizes)
+    collate = make_collate(tok)
     loader = DataLoader(train, batch_size=16, shuffle=True, collate_fn=collate,
                         generator=torch.Generator().manual_seed(0))
-    val = collate([build_dataset("shapes", split="val", tokenizer=tok, config=cfg)[i] for i in range(64)])
+    val = collate([build_dataset("shapes", split="val", tokenizer=tok, **sizes)[i] for i in range(64)])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0)
     losses = []
     for step, batch in zip(range(100), loader):
