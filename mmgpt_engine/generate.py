@@ -15,6 +15,11 @@ from typing import Optional, Sequence
 
 import torch
 
+from . import ops
+from .data import get_tokenizer, preprocess_image, trim_at_eos
+from .model.gpt import MultimodalGPT
+from .model.hub import CONFIG_NAME, find_pretrained_dir
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mmgpt_engine.generate", description="Caption images with a trained model.")
@@ -25,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top_k", type=int, default=None, help="sample from the k most likely tokens")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    p.add_argument("--backend", default=None, choices=["torch", "triton", "cuda"], help="ops backend (default: auto)")
+    p.add_argument("--backend", default=None, choices=list(ops.BACKENDS), help="ops backend (default: auto)")
     p.add_argument("--device", default=None, help="default: cuda when present, else cpu")
     p.add_argument("--no_cache", action="store_true", help="recompute the whole sequence at every step")
     return p
@@ -42,21 +47,11 @@ def caption_images(model, tokenizer, images: torch.Tensor, prompt: Optional[str]
         max_new_tokens = model.config.max_seq_len - model.config.n_image_tokens - len(prefix)
     out = model.generate(ids, images.to(device), max_new_tokens=max_new_tokens, temperature=temperature,
                          top_k=top_k, eos_token_id=tokenizer.eos_id, use_cache=use_cache, generator=generator)
-    captions = []
-    for row in out[:, len(prefix):].tolist():
-        if tokenizer.eos_id in row:
-            row = row[:row.index(tokenizer.eos_id)]
-        captions.append(tokenizer.decode(row).strip())
-    return captions
+    return [tokenizer.decode(trim_at_eos(row, tokenizer.eos_id)).strip() for row in out[:, len(prefix):].tolist()]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from .data.image import preprocess_image
-    from .data.tokenizer import get_tokenizer
-    from .model.gpt import MultimodalGPT
-    from .model.hub import CONFIG_NAME, find_pretrained_dir
-
     folder = find_pretrained_dir(args.checkpoint)
     has_tokenizer = any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json"))
     if not has_tokenizer:

@@ -30,8 +30,10 @@ moments, step counts and the lr schedule carry over; the data stream continues a
 """
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import json
-import os
 import random
 import re
 import shutil
@@ -40,8 +42,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import deepspeed.comm as dist
 import numpy as np
 import torch
+from deepspeed.accelerator import get_accelerator
+
+from ..atomic import write_atomic
+from .faults import arm_kill_during_save, on_rank0
 
 TAG_RE = re.compile(r"^global_step(\d+)$")
 MARKER = "complete.json"
@@ -65,8 +72,6 @@ class ResumeTarget:
 
 # ------------------------------------------------------------------------------------ RNG
 def rng_state() -> dict:
-    from deepspeed.accelerator import get_accelerator
-
     acc = get_accelerator()
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if acc.device_name() != "cpu":
@@ -75,8 +80,6 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    from deepspeed.accelerator import get_accelerator
-
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -189,7 +192,7 @@ def resume_plan(target: ResumeTarget, world_size: int, zero_stage: int) -> str:
     return UNIVERSAL
 
 
-def check_compatible(target: ResumeTarget, world_size: int, zero_stage: int) -> bool:
+def needs_universal_conversion(target: ResumeTarget, world_size: int, zero_stage: int) -> bool:
     """True when the checkpoint must go through a universal conversion first (see resume_plan)."""
     return resume_plan(target, world_size, zero_stage) == UNIVERSAL
 
@@ -202,8 +205,6 @@ def universal_command(source: Path, dest: Path) -> str:
 def convert_to_universal(target: ResumeTarget, ckpt_dir: Path) -> ResumeTarget:
     """Collective: rank 0 converts `target` into ckpt_dir/universal/<tag> (once: a finished
     conversion is reused), every rank gets the converted target or the same CheckpointError."""
-    import deepspeed.comm as dist
-
     if target.meta.get("universal"):
         return target
     dest_root = Path(ckpt_dir) / UNIVERSAL
@@ -213,7 +214,7 @@ def convert_to_universal(target: ResumeTarget, ckpt_dir: Path) -> ResumeTarget:
         error = _run_converter(target.path, dest)
         if error is None:
             meta = dict(target.meta, universal=True, source=str(target.path))
-            _write_atomic(dest / MARKER, json.dumps(meta, indent=1) + "\n")
+            write_atomic(dest / MARKER, json.dumps(meta, indent=1) + "\n")
     errors = [None] * dist.get_world_size()
     dist.all_gather_object(errors, error)
     if errors[0] is not None:
@@ -229,10 +230,6 @@ def convert_to_universal(target: ResumeTarget, ckpt_dir: Path) -> ResumeTarget:
 def _run_converter(source: Path, dest: Path) -> Optional[str]:
     """DeepSpeed's ds_to_universal in this process; an error message (with the command to run by
     hand) when it fails."""
-    import argparse
-    import contextlib
-    import io
-
     shutil.rmtree(dest, ignore_errors=True)  # an earlier conversion that did not finish
     args = argparse.Namespace(input_folder=str(source), output_folder=str(dest), num_extract_workers=1,
                               num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
@@ -260,14 +257,11 @@ class CheckpointManager:
 
     def save(self, engine, step: int, client_state: dict) -> Path:
         """Every rank calls this (DeepSpeed's save is collective). Returns the tag folder."""
-        import deepspeed.comm as dist
-
         rank, world = dist.get_rank(), dist.get_world_size()
         states = [None] * world
         dist.all_gather_object(states, rng_state())
         tag = f"global_step{step}"
         tag_dir = self.ckpt_dir / tag
-        from .faults import arm_kill_during_save, on_rank0
 
         def prepare():
             self.ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -284,8 +278,8 @@ class CheckpointManager:
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **self.meta}
 
         def mark_complete():
-            _write_atomic(tag_dir / MARKER, json.dumps(meta, indent=1) + "\n")
-            _write_atomic(self.ckpt_dir / LATEST, tag)
+            write_atomic(tag_dir / MARKER, json.dumps(meta, indent=1) + "\n")
+            write_atomic(self.ckpt_dir / LATEST, tag)
             self._prune(tag)
 
         on_rank0(mark_complete, f"completing checkpoint {tag}", CheckpointError)
@@ -306,8 +300,6 @@ class CheckpointManager:
     def load(self, engine, target: ResumeTarget, load_optimizer: bool = True) -> dict:
         """Restore the engine (weights, optimizer, lr schedule) and this rank's RNG; returns the
         client state."""
-        import deepspeed.comm as dist
-
         universal = bool(target.meta.get("universal"))
         groups = _base_param_groups(engine)
         decay = [g.get("weight_decay") for g in groups]  # the run's own, from parameter_groups
@@ -354,12 +346,3 @@ def _base_param_groups(engine) -> list:
     inner = getattr(opt, "optimizer", None)
     return list(getattr(inner if inner is not None else opt, "param_groups", []) or [])
 
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write then rename: a reader (or a crash) never sees a half-written file."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -7,9 +7,12 @@
     mmgpt-train --init_from runs/x/model --freeze vision --config my_data.yaml  # second stage
 
 With no arguments: the tiny preset on the built-in captioned shapes with configs/ds_zero2.json.
-Order of set-up: configuration and environment checks (fail fast, nothing built), process
-group, data, model (+ --init_from), engine, resume, loop, export. Outputs in --output_dir:
-metrics.jsonl, tensorboard/, loss_curve.png, checkpoints/, model/ (fp32 safetensors + config).
+A run goes through named phases (`run`): plan (configuration, environment, data and resume checks:
+fail fast, nothing built) -> init_distributed (process group; a universal conversion if the
+checkpoint needs one) -> build (model + --init_from, data, engine, trainer) -> resume (the
+trainer's load_state_dict) -> train -> finish (export, loss curve, summary). Outputs in
+--output_dir: metrics.jsonl, tensorboard/, loss_curve.png, checkpoints/, model/ (fp32 safetensors
++ config).
 """
 from __future__ import annotations
 
@@ -17,15 +20,36 @@ import argparse
 import json
 import os
 import random
+import shutil
 import sys
 import time
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .checkpoint import (CheckpointError, CheckpointManager, check_compatible, complete_checkpoints,
-                         convert_to_universal, find_resume)
-from .config import ConfigError, TrainConfig, default_config_path, default_deepspeed_config_path
+import deepspeed
+import deepspeed.comm as dist
+import numpy as np
+import torch
+import yaml
+from deepspeed.accelerator import get_accelerator
+
+from .. import ops
+from ..data import build_dataset, get_tokenizer, make_collate, tokenizer_fingerprint
+from ..model.config import ModelConfig
+from . import preflight
+from .batches import build_batches
+from .checkpoint import (CheckpointError, CheckpointManager, ResumeTarget, complete_checkpoints,
+                         convert_to_universal, find_resume, needs_universal_conversion)
+from .config import (ConfigError, TrainConfig, apply_overrides, default_config_path, default_deepspeed_config_path,
+                     load_yaml)
+from .ds_config import load_deepspeed_config, lr_lambda, resolve_deepspeed_config, zero_stage
+from .evaluation import Evaluator
 from .faults import NonFiniteGuard, NonFiniteLossError, StopSignal
+from .loop import LoopState, Trainer
+from .metrics import MetricsLogger, device_peak_tflops, plot_loss_curve
+from .weights import build_model, export_pretrained, freeze, parameter_groups, register_tied_head
 
 # a flag -> the config key it sets
 FLAG_KEYS = {"output_dir": "run.output_dir", "max_steps": "run.max_steps", "save_steps": "run.save_steps",
@@ -36,8 +60,6 @@ FLAG_KEYS = {"output_dir": "run.output_dir", "max_steps": "run.max_steps", "save
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import deepspeed
-
     p = argparse.ArgumentParser(prog="mmgpt-train", description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Any config key: --set section.key=value (e.g. --set model.n_layer=2).")
@@ -53,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite_output_dir", action="store_true",
                    help="with --resume none: delete the checkpoints and logs already in output_dir")
     p.add_argument("--seed", type=int)
-    p.add_argument("--backend", choices=["torch", "triton", "cuda"], help="kernel backend of the model's ops")
+    p.add_argument("--backend", choices=list(ops.BACKENDS), help="kernel backend of the model's ops")
     p.add_argument("--init_from", help="weights to start from: a save_pretrained folder or a Hugging Face GPT-2 "
                                        "folder/file (the optimizer state starts fresh)")
     p.add_argument("--freeze", choices=["none", "vision", "text"], help="parameters to keep fixed")
@@ -68,8 +90,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_config(args) -> TrainConfig:
-    from .config import apply_overrides, load_yaml
-
     if args.config is not None:
         values = load_yaml(args.config)
         source = args.config
@@ -88,8 +108,6 @@ def load_config(args) -> TrainConfig:
 
 
 def load_ds_config(args) -> tuple[dict, str]:
-    from .ds_config import load_deepspeed_config
-
     path = args.deepspeed_config
     if path is None and default_deepspeed_config_path().is_file():
         path = str(default_deepspeed_config_path())
@@ -125,18 +143,64 @@ def release_shm_workspace() -> None:
         Path("/dev/shm", f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}").unlink(missing_ok=True)
 
 
-def run(argv: Optional[Sequence[str]], stop: StopSignal) -> int:
-    from . import preflight
-    from .ds_config import lr_lambda, resolve_deepspeed_config, zero_stage
+@dataclass
+class RunPlan:
+    """Everything decided before a process group, dataset or model exists."""
+    args: argparse.Namespace
+    cfg: TrainConfig
+    model_config: ModelConfig
+    ds: dict                              # the resolved DeepSpeed config
+    rank: int
+    world: int
+    local_rank: int
+    launched: bool                        # started by a launcher (else: one process, set up here)
+    accelerator: object                   # DeepSpeed's accelerator
+    output_dir: Path
+    target: Optional[ResumeTarget]        # the checkpoint to resume (None: a fresh start)
+    universal: bool                       # the target must be converted to a universal checkpoint first
 
+    @property
+    def device_type(self) -> str:
+        return self.accelerator.device_name()
+
+
+@dataclass
+class BuiltRun:
+    """What the build phase made: the engine and the trainer that drives it."""
+    engine: object
+    trainer: Trainer
+    tokenizer: object
+    model_config: ModelConfig
+    n_params: int
+    frozen: int
+    device_name: str
+
+
+def run(argv: Optional[Sequence[str]], stop: StopSignal) -> int:
+    plan = plan_run(argv)
+    device = init_distributed(plan)
+    resume_source = plan.target
+    if plan.universal:
+        # another world size or ZeRO stage: DeepSpeed's converter, once, on rank 0 (collective)
+        plan.target = convert_to_universal(plan.target, plan.output_dir / "checkpoints")
+    built = build(plan, device, stop)
+    if plan.target is not None:
+        built.trainer.load_state_dict(built.trainer.checkpoints.load(built.engine, plan.target))
+    if plan.rank == 0:
+        announce(plan, built, resume_source)
+    state = train(built.trainer)
+    finish(plan, built, state, device)
+    return 0
+
+
+# ------------------------------------------------------------------ 1. plan: fail fast, nothing built
+def plan_run(argv: Optional[Sequence[str]]) -> RunPlan:
+    """Parse and check the configuration, the environment, the data and the resume target."""
     args = build_parser().parse_args(argv)
-    # ------------------------------------------------ fail fast: nothing heavy exists yet
     cfg = load_config(args)
     model_config = cfg.model_config()
     ds_raw, ds_source = load_ds_config(args)
     rank, world, local_rank, launched = preflight.launch_env()
-    from deepspeed.accelerator import get_accelerator
-
     acc = get_accelerator()
     device_type = acc.device_name()
     ds = resolve_deepspeed_config(ds_raw, cfg, world_size=world, accelerator=device_type,
@@ -154,127 +218,141 @@ def run(argv: Optional[Sequence[str]], stop: StopSignal) -> int:
     target = find_resume(args.resume, output_dir)
     if target is not None:
         preflight.check_resume_tokenizer(cfg, target)
-    universal = target is not None and check_compatible(target, world, zero_stage(ds))
+    universal = target is not None and needs_universal_conversion(target, world, zero_stage(ds))
     if universal:
         ds.setdefault("checkpoint", {})["load_universal"] = True
     if target is None and complete_checkpoints(output_dir / "checkpoints") and not args.overwrite_output_dir:
         raise ConfigError(f"--output_dir {str(output_dir)!r} holds checkpoints of another run and --resume is "
                           f"{args.resume!r}: continue it with --resume auto, or pass --overwrite_output_dir, or "
                           f"choose another --output_dir")
+    return RunPlan(args=args, cfg=cfg, model_config=model_config, ds=ds, rank=rank, world=world,
+                   local_rank=local_rank, launched=launched, accelerator=acc, output_dir=output_dir, target=target,
+                   universal=universal)
 
-    # ------------------------------------------------ process group
-    if not launched:
+
+# ------------------------------------------------------------------ 2. the process group
+def init_distributed(plan: RunPlan) -> torch.device:
+    """Join the process group (or make a world of one); returns this rank's device."""
+    if not plan.launched:
         preflight.single_process_env()
-    import torch
-
-    if device_type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+    if plan.device_type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         # ranks on one host share its cores; oversubscribed threads slow every rank down
-        local_size = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", world)))
+        local_size = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", plan.world)))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(local_size, 1)))
-    import warnings
-
     # DeepSpeed's ZeRO calls torch.distributed functions that torch now flags on every rank
     warnings.filterwarnings("ignore", message=r".* is deprecated\. Please use `torch\.distributed\.",
                             category=FutureWarning)
-    import deepspeed
-    import deepspeed.comm as dist
-
+    acc = plan.accelerator
     deepspeed.init_distributed(dist_backend=acc.communication_backend_name(), verbose=False)
-    if device_type != "cpu":
-        acc.set_device(local_rank)
-    device = torch.device(acc.current_device_name())
-    if args.overwrite_output_dir and target is None and rank == 0:
-        import shutil
-
+    if plan.device_type != "cpu":
+        acc.set_device(plan.local_rank)
+    if plan.args.overwrite_output_dir and plan.target is None and plan.rank == 0:
         for name in ("checkpoints", "tensorboard", "model"):
-            shutil.rmtree(output_dir / name, ignore_errors=True)
-        (output_dir / "metrics.jsonl").unlink(missing_ok=True)
+            shutil.rmtree(plan.output_dir / name, ignore_errors=True)
+        (plan.output_dir / "metrics.jsonl").unlink(missing_ok=True)
     dist.barrier()
-    resume_source = target
-    if universal:
-        # another world size or ZeRO stage: DeepSpeed's converter, once, on rank 0 (collective)
-        target = convert_to_universal(target, output_dir / "checkpoints")
+    return torch.device(acc.current_device_name())
 
-    # ------------------------------------------------ data, model, engine
-    from ..data import build_dataset, get_tokenizer, make_collate
-    from ..data.tokenizer import tokenizer_fingerprint
-    from .batches import build_batches
-    from .evaluation import Evaluator
-    from .metrics import MetricsLogger, device_peak_tflops, plot_loss_curve
-    from .weights import build_model, export_pretrained, freeze, parameter_groups, register_tied_head
 
-    seed = cfg.run.seed
+# ------------------------------------------------------------------ 3. build: data, model, engine, trainer
+def build(plan: RunPlan, device: torch.device, stop: StopSignal) -> BuiltRun:
+    cfg, rank, world, seed = plan.cfg, plan.rank, plan.world, plan.cfg.run.seed
     # the same seed on every rank while the weights are drawn: ZeRO-3 keeps each rank's own shard
     _seed_all(seed)
     # resuming, the checkpoint overwrites these weights, but a run that began from --init_from still
     # needs that model's sizes
-    init_from = cfg.run.init_from
-    model = build_model(model_config, init_from, cfg.run.backend, written=cfg.model)
+    model = build_model(plan.model_config, cfg.run.init_from, cfg.run.backend, written=cfg.model)
     model_config = model.config  # --init_from brings its own sizes; the data must fit them
     frozen = freeze(model, cfg.run.freeze)
     n_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
-    if zero_stage(ds) == 3:
+    if zero_stage(plan.ds) == 3:
         register_tied_head(model)
     tokenizer = get_tokenizer(cfg.data.tokenizer)
-    common = dict(tokenizer=tokenizer, config=model_config, seed=seed, rank=rank, world_size=world,
-                  **cfg.data.options)
+    train_set, val_set = build_datasets(cfg, model_config, tokenizer, rank, world)
+    collate = make_collate(tokenizer)
+    _seed_all(seed + 1000 * (rank + 1))  # then a stream per rank (dropout)
+    scheduler = None if "scheduler" in plan.ds else (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model, cfg.optim.weight_decay),
+                                           config=plan.ds, lr_scheduler=scheduler, dist_init_required=False)
+    peak, device_name = device_peak_tflops(device)
+    trainer = Trainer(
+        engine=engine, cfg=cfg, model_config=model_config,
+        batches=build_batches(train_set, collate, cfg.batch.micro_batch_size, rank, world, seed, cfg.data.num_workers,
+                              stall_warning_s=cfg.data.stall_warning_s),
+        evaluator=Evaluator(val_set, collate, tokenizer, model_config, cfg.batch.micro_batch_size, rank, world,
+                            cfg.data.val_samples, cfg.data.caption_eval_samples, captions=cfg.data.kind == "shapes"),
+        checkpoints=CheckpointManager(plan.output_dir, keep=cfg.run.keep_checkpoints,
+                                      meta={"tokenizer": tokenizer_fingerprint(tokenizer),
+                                            "tokenizer_name": cfg.data.tokenizer or "byte"}),
+        metrics=MetricsLogger(plan.output_dir, rank, cfg.run.max_steps, progress=cfg.run.progress),
+        device=device, rank=rank, world=world, stop=stop, guard=NonFiniteGuard(cfg.run.max_nonfinite),
+        peak_tflops=peak)
+    return BuiltRun(engine=engine, trainer=trainer, tokenizer=tokenizer, model_config=model_config,
+                    n_params=n_params, frozen=frozen, device_name=device_name)
+
+
+def build_datasets(cfg: TrainConfig, model_config: ModelConfig, tokenizer, rank: int, world: int):
+    """(train set, held-out set or None), sized for the model: its image size and channels, and
+    the text positions its sequence leaves after the image prefix."""
+    if tokenizer.vocab_size > model_config.vocab_size:
+        raise ConfigError(f"data.tokenizer: its {tokenizer.vocab_size} ids do not fit model.vocab_size "
+                          f"{model_config.vocab_size}; set vocab_size >= {tokenizer.vocab_size}")
+    d = cfg.data
+    common = dict(tokenizer=tokenizer, image_size=model_config.image_size, in_channels=model_config.in_channels,
+                  max_text_len=model_config.max_text_len, seed=cfg.run.seed, rank=rank, world_size=world, **d.options)
+    val_path = d.val_path or (d.path if "{split}" in (d.path or "") else None)
     try:
-        train_set = build_dataset(cfg.data.kind, path=cfg.data.path, split="train", **common)
-        val_set = _val_dataset(cfg, common, build_dataset)
+        train_set = build_dataset(d.kind, path=d.path, split="train", **common)
+        if d.kind == "shapes":
+            val_set = build_dataset("shapes", split="val", **common)
+        else:
+            val_set = build_dataset(d.kind, path=val_path, split="val", **common) if val_path is not None else None
     except (FileNotFoundError, ValueError, TypeError) as e:
         raise ConfigError(f"data: {e}") from e
-    collate = make_collate(tokenizer, model_config)
-    _seed_all(seed + 1000 * (rank + 1))  # then a stream per rank (dropout)
-    scheduler = None if "scheduler" in ds else (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model, cfg.optim.weight_decay),
-                                           config=ds, lr_scheduler=scheduler, dist_init_required=False)
-    batches = build_batches(train_set, collate, cfg.batch.micro_batch_size, rank, world, seed, cfg.data.num_workers,
-                            stall_warning_s=cfg.data.stall_warning_s)
-    checkpoints = CheckpointManager(output_dir, keep=cfg.run.keep_checkpoints,
-                                    meta={"tokenizer": tokenizer_fingerprint(tokenizer),
-                                          "tokenizer_name": cfg.data.tokenizer or "byte"})
-    peak, device_name = device_peak_tflops(device)
-    from .loop import Trainer
+    return train_set, val_set
 
-    trainer = Trainer(engine=engine, cfg=cfg, model_config=model_config, batches=batches, evaluator=None,
-                      checkpoints=checkpoints, metrics=None, device=device, rank=rank, world=world, stop=stop,
-                      guard=NonFiniteGuard(cfg.run.max_nonfinite), peak_tflops=peak)
-    if target is not None:
-        trainer.load_client_state(checkpoints.load(engine, target))
-    start = trainer.state.step
-    metrics = MetricsLogger(output_dir, rank, cfg.run.max_steps, start, progress=cfg.run.progress)
-    trainer.metrics = metrics
-    if rank == 0:
-        _write_run_files(output_dir, cfg, ds)
-        metrics.write(f"mmgpt-train: {world} rank(s) on {device_name} ({acc.communication_backend_name()}), "
-                      f"ZeRO stage {zero_stage(ds)}, {cfg.run.precision}, {n_params / 1e6:.2f}M parameters"
-                      f"{f' ({frozen / 1e6:.2f}M frozen: {cfg.run.freeze})' if frozen else ''}, batch "
-                      f"{cfg.batch.micro_batch_size} x {cfg.batch.grad_accum} accum x {world} = "
-                      f"{cfg.batch.global_batch_size}, {cfg.run.max_steps} steps"
-                      + (f", resuming from {target.path} at step {start}" if target is not None else "")
-                      + (_converted_note(resume_source) if universal and resume_source is not target else "")
-                      + (f", weights from {init_from}" if init_from and target is None else ""))
-    trainer.evaluator = Evaluator(val_set, collate, tokenizer, model_config, cfg.batch.micro_batch_size, rank, world,
-                                  cfg.data.val_samples, cfg.data.caption_eval_samples,
-                                  captions=cfg.data.kind == "shapes")
 
-    # ------------------------------------------------ train, export, report
-    t0 = time.perf_counter()
+# ------------------------------------------------------------------ 5. train
+def train(trainer: Trainer) -> LoopState:
     try:
-        state = trainer.run()
+        return trainer.run()
     finally:
-        metrics.close()
+        trainer.metrics.close()
+
+
+# ------------------------------------------------------------------ 6. export and report
+def finish(plan: RunPlan, built: BuiltRun, state: LoopState, device: torch.device) -> None:
+    """Export the model (a run that was not stopped), write the loss curve and print the summary."""
+    cfg, trainer = plan.cfg, built.trainer
+    start = trainer.start_step
     if state.stopped_by is None and start >= cfg.run.max_steps and trainer.evaluator.enabled:
-        state.last_eval = trainer.evaluator.run(engine, device)  # a finished run resumed: report it again
+        state.last_eval = trainer.evaluator.run(built.engine, device)  # a finished run resumed: report it again
     exported = None
     if state.stopped_by is None and cfg.run.export:
-        exported = export_pretrained(engine, model_config, output_dir / "model", tokenizer=tokenizer,
-                                     backend=cfg.run.backend)
-    if rank == 0:
-        curve = plot_loss_curve(metrics.path, output_dir / "loss_curve.png") if metrics.path.is_file() else None
-        _summary(cfg, state, output_dir, exported, curve, time.perf_counter() - t0)
+        exported = export_pretrained(built.engine, built.model_config, plan.output_dir / "model",
+                                     tokenizer=built.tokenizer, backend=cfg.run.backend)
+    if plan.rank == 0:
+        metrics_path = trainer.metrics.path
+        curve = plot_loss_curve(metrics_path, plan.output_dir / "loss_curve.png") if metrics_path.is_file() else None
+        _summary(cfg, state, plan.output_dir, exported, curve, time.perf_counter() - trainer.started_at)
     dist.barrier()
-    return 0
+
+
+def announce(plan: RunPlan, built: BuiltRun, resume_source: Optional[ResumeTarget]) -> None:
+    """Rank 0: the run files and the start-up line (what runs where, and from which weights)."""
+    cfg, target, start = plan.cfg, plan.target, built.trainer.state.step
+    _write_run_files(plan.output_dir, cfg, plan.ds)
+    init_from = cfg.run.init_from
+    frozen = built.frozen
+    built.trainer.metrics.write(
+        f"mmgpt-train: {plan.world} rank(s) on {built.device_name} ({plan.accelerator.communication_backend_name()}), "
+        f"ZeRO stage {zero_stage(plan.ds)}, {cfg.run.precision}, {built.n_params / 1e6:.2f}M parameters"
+        f"{f' ({frozen / 1e6:.2f}M frozen: {cfg.run.freeze})' if frozen else ''}, batch "
+        f"{cfg.batch.micro_batch_size} x {cfg.batch.grad_accum} accum x {plan.world} = "
+        f"{cfg.batch.global_batch_size}, {cfg.run.max_steps} steps"
+        + (f", resuming from {target.path} at step {start}" if target is not None else "")
+        + (_converted_note(resume_source) if plan.universal and resume_source is not target else "")
+        + (f", weights from {init_from}" if init_from and target is None else ""))
 
 
 def _converted_note(source) -> str:
@@ -282,28 +360,13 @@ def _converted_note(source) -> str:
             f"{source.meta.get('world_size')} rank(s) under ZeRO stage {source.meta.get('zero_stage')})")
 
 
-def _val_dataset(cfg, common, build_dataset):
-    d = cfg.data
-    if d.kind == "shapes":
-        return build_dataset("shapes", split="val", **common)
-    path = d.val_path or (d.path if "{split}" in (d.path or "") else None)
-    if path is None:
-        return None
-    return build_dataset(d.kind, path=path, split="val", **common)
-
-
 def _seed_all(seed: int) -> None:
-    import numpy as np
-    import torch
-
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
 def _write_run_files(output_dir: Path, cfg: TrainConfig, ds: dict) -> None:
-    import yaml
-
     (output_dir / "train_config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     (output_dir / "ds_config.json").write_text(json.dumps(ds, indent=2) + "\n")
 

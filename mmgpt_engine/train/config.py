@@ -20,6 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+import yaml
+
+from ..model.config import ModelConfig
+from ..ops import BACKENDS
+
 DATA_KINDS = ("shapes", "webdataset", "jsonl")
 DECAYS = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -133,10 +138,8 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def model_config(self):
+    def model_config(self) -> ModelConfig:
         """The ModelConfig this run trains (cheap: no weights are built)."""
-        from ..model.config import ModelConfig
-
         values = dict(self.model)
         if "preset" not in values:
             values["preset"] = "tiny"
@@ -153,7 +156,7 @@ class TrainConfig:
         _choice("run.precision", r.precision, PRECISIONS)
         _choice("run.freeze", r.freeze, FREEZE)
         if r.backend is not None:
-            _choice("run.backend", r.backend, ("torch", "triton", "cuda"))
+            _choice("run.backend", r.backend, BACKENDS)
         for name, value, low in (("data.num_workers", d.num_workers, 0), ("data.val_samples", d.val_samples, 0),
                                  ("data.caption_eval_samples", d.caption_eval_samples, 0),
                                  ("schedule.warmup_steps", s.warmup_steps, 0), ("run.max_steps", r.max_steps, 1),
@@ -196,8 +199,6 @@ def default_deepspeed_config_path() -> Path:
 
 
 def load_yaml(path: str | os.PathLike) -> dict:
-    import yaml
-
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"--config: no such file {str(path)!r}")
@@ -215,8 +216,6 @@ def load_yaml(path: str | os.PathLike) -> dict:
 
 def apply_overrides(values: dict, overrides: list[str]) -> None:
     """`section.key=value` strings (value parsed as yaml) into the nested mapping, in order."""
-    import yaml
-
     for item in overrides:
         key, sep, raw = item.partition("=")
         parts = key.strip().split(".")

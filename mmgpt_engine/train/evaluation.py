@@ -11,14 +11,15 @@ from __future__ import annotations
 
 from typing import Iterator, Optional
 
+import deepspeed.comm as dist
 import torch
+from deepspeed.accelerator import get_accelerator
 
-
+from ..data import trim_at_eos
+from ..ops import IGNORE_INDEX
 
 def _rank_samples(dataset, rank: int, world: int, limit: int) -> list:
     """This rank's equal share of the first `limit` held-out samples (all when limit <= 0)."""
-    import deepspeed.comm as dist
-
     if isinstance(dataset, torch.utils.data.IterableDataset):
         # iterable data is already split over ranks by the dataset; shares may differ, so cut to the smallest
         want = limit // world if limit > 0 else None
@@ -41,14 +42,10 @@ def _chunks(items: list, size: int) -> Iterator[list]:
 
 
 def _comm_device():
-    from deepspeed.accelerator import get_accelerator
-
     return torch.device(get_accelerator().current_device_name())
 
 
 def _all_sum(values: list[float]) -> list[float]:
-    import deepspeed.comm as dist
-
     t = torch.tensor(values, dtype=torch.float64, device=_comm_device())
     dist.all_reduce(t)
     return t.tolist()
@@ -69,7 +66,7 @@ def validation_loss(engine, samples: list, collate, micro: int, device) -> tuple
             images = batch.get("images")
             extra = {"cu_seqlens": batch["cu_seqlens"].to(device)} if batch.get("cu_seqlens") is not None else {}
             # the model scores labels[t + 1] at position t: position 0 (bos) is never a target
-            n = float((batch["labels"][:, 1:] != -100).sum())
+            n = float((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
             runs = [images]
             if images is not None and images.shape[0] > 1:
                 runs.append(images.roll(1, dims=0))
@@ -116,9 +113,7 @@ def caption_accuracy(engine, samples: list, collate, tokenizer, micro: int, devi
                 out = engine.module.generate(prompt, images=images, max_new_tokens=max_new_tokens, temperature=0.0,
                                              eos_token_id=None, use_cache=True)
             for row, reference in zip(out[:, 1:].tolist(), batch["text"]):
-                if tokenizer.eos_id in row:
-                    row = row[:row.index(tokenizer.eos_id)]
-                text = tokenizer.decode(row)
+                text = tokenizer.decode(trim_at_eos(row, tokenizer.eos_id))
                 correct += float(text.strip() == reference.strip())
                 seen += 1
                 if len(examples) < 3:
@@ -141,8 +136,6 @@ class Evaluator:
             self.caption_samples = _rank_samples(val_dataset, rank, world, caption_samples)
         # room for the longest reference caption plus eos, within the model's text budget
         longest = max((s["input_ids"].numel() for s in self.caption_samples), default=1)
-        import deepspeed.comm as dist
-
         t = torch.tensor([longest], dtype=torch.long, device=_comm_device())
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         self.max_new_tokens = max(1, min(int(t.item()), model_config.max_text_len - 1))

@@ -18,10 +18,14 @@ Fault injection, for tests of what the rest of this package promises (never set 
 """
 from __future__ import annotations
 
+import io
 import os
 import signal
 import sys
 from typing import Optional
+
+import deepspeed.comm as dist
+import torch
 
 FAULT_ENV = "MMGPT_FAULT"
 
@@ -111,10 +115,6 @@ def arm_kill_during_save(engine, step: int, rank: int) -> None:
         raise ValueError(f"{FAULT_ENV}: expected kill_during_save:STEP:RANK, got {os.environ[FAULT_ENV]!r}")
     if (int(args[0]), int(args[1])) != (step, rank):
         return
-    import io
-
-    import torch
-
     writer = engine.checkpoint_engine
 
     def save_then_die(state_dict, path, *a, **k):
@@ -135,8 +135,6 @@ def on_rank0(fn, what: str, error_type: type = RuntimeError):
     """Run `fn` on rank 0 only (writing a marker, exporting) and share its outcome: a failure there
     (a full disk, a missing tensor) reaches every rank as an error at once, instead of leaving the
     other ranks waiting in the next collective until the process group's timeout. Collective."""
-    import deepspeed.comm as dist
-
     result, error = None, None
     if dist.get_rank() == 0:
         try:

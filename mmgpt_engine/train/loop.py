@@ -1,22 +1,49 @@
 """The training loop: micro-batches through the DeepSpeed engine, evaluation, checkpoints, logs.
 
 One optimizer step = `gradient_accumulation_steps` micro-batches per rank. After each micro-batch's
-forward, one all-reduce carries everything the ranks must agree on or sum: the loss, whether it
-was finite, whether a stop signal arrived, and the tokens / samples / FLOPs / skipped data done.
-So every rank takes the same decision (skip this micro-batch, stop after this step) at the same
-point, which collective code (ZeRO, the checkpoint save) requires.
+forward, one all-reduce (`MicroBatchTotals`) carries everything the ranks must agree on or sum:
+the loss, whether it was finite, whether a stop signal arrived, and the tokens / samples / FLOPs /
+skipped data done. So every rank takes the same decision (skip this micro-batch, stop after this
+step) at the same point, which collective code (ZeRO, the checkpoint save) requires.
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+import deepspeed.comm as dist
 import torch
 
+from ..ops import IGNORE_INDEX
 from .batches import batch_text_lengths
 from .faults import NonFiniteGuard, StopSignal
+from .metrics import memory_gb
+
+
+@dataclass
+class MicroBatchTotals:
+    """One micro-batch's numbers, summed over ranks in a single all-reduce (packed into one float64
+    tensor in field order), and over the micro-batches of a step."""
+    loss_x_scored: float = 0.0    # loss x scored tokens, from ranks whose loss is finite
+    nonfinite: float = 0.0        # ranks whose loss is NaN/inf
+    stop: float = 0.0             # ranks that received a stop signal
+    tokens: float = 0.0           # text positions run (padding included)
+    samples: float = 0.0
+    flops: float = 0.0
+    data_skipped: float = 0.0     # samples the data pipeline dropped on the way
+    scored: float = 0.0           # scored tokens, from ranks whose loss is finite
+    truncated: float = 0.0        # captions cut to fit
+
+    def all_reduce(self, device) -> "MicroBatchTotals":
+        packed = torch.tensor(dataclasses.astuple(self), dtype=torch.float64, device=device)
+        dist.all_reduce(packed)
+        return MicroBatchTotals(*packed.cpu().tolist())
+
+    def __add__(self, other: "MicroBatchTotals") -> "MicroBatchTotals":
+        return MicroBatchTotals(*(a + b for a, b in zip(dataclasses.astuple(self), dataclasses.astuple(other))))
 
 
 @dataclass
@@ -46,28 +73,30 @@ class Trainer:
         self.device, self.rank, self.world = device, rank, world
         self.stop, self.guard, self.peak_tflops = stop, guard, peak_tflops
         self.state = LoopState()
+        self.start_step = 0
+        self.started_at = time.perf_counter()
         # ZeRO-0 in fp32 steps a plain torch optimizer, and DeepSpeed computes no gradient norm for it
         self._plain_optimizer = (engine.zero_optimization_stage() == 0 and not engine.bfloat16_enabled()
                                  and not engine.fp16_enabled())
         self._grad_norm: Optional[float] = None
 
     # ------------------------------------------------------------------ state for checkpoints
-    def client_state(self) -> dict:
-        import deepspeed.comm as dist
-
+    def state_dict(self) -> dict:
+        """What a checkpoint carries beside DeepSpeed's own state (collective: gathers every
+        rank's data position)."""
         data = [None] * self.world
         dist.all_gather_object(data, self.batches.state_dict())
         return {"data": data, "nonfinite": self.guard.state_dict(), "tokens_seen": self.state.tokens_seen,
                 "data_skipped": self.state.data_skipped, "truncated": self.state.truncated,
                 "train_config": self.cfg.to_dict()}
 
-    def load_client_state(self, client: dict) -> None:
-        self.state.step = int(client.get("step", 0))
-        self.state.tokens_seen = float(client.get("tokens_seen", 0.0))
-        self.state.data_skipped = float(client.get("data_skipped", 0.0))
-        self.state.truncated = float(client.get("truncated", 0.0))
-        self.guard.load_state_dict(client.get("nonfinite", {}))
-        data = client.get("data")
+    def load_state_dict(self, state: dict) -> None:
+        self.state.step = int(state.get("step", 0))
+        self.state.tokens_seen = float(state.get("tokens_seen", 0.0))
+        self.state.data_skipped = float(state.get("data_skipped", 0.0))
+        self.state.truncated = float(state.get("truncated", 0.0))
+        self.guard.load_state_dict(state.get("nonfinite", {}))
+        data = state.get("data")
         if isinstance(data, list) and data:
             # same world size: this rank's own position; otherwise rank 0's (a map-style position is global)
             self.batches.load_state_dict(data[self.rank] if len(data) == self.world else data[0])
@@ -81,42 +110,39 @@ class Trainer:
         with_image = batch.get("images") is not None
         return float(sum(self.model_config.flops_per_token(t, with_image) * t for t in batch_text_lengths(batch)))
 
+    def _micro_batch_totals(self, batch: dict, loss, finite: bool) -> MicroBatchTotals:
+        lengths = batch_text_lengths(batch)
+        scored = float((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        return MicroBatchTotals(
+            loss_x_scored=float(loss.detach()) * scored if finite else 0.0, nonfinite=0.0 if finite else 1.0,
+            stop=1.0 if self.stop.requested else 0.0, tokens=float(sum(lengths)), samples=float(len(lengths)),
+            flops=self._flops(batch), data_skipped=float(batch.get("n_skipped", 0)),
+            scored=scored if finite else 0.0, truncated=float(batch.get("n_truncated", 0)))
+
     def train_step(self) -> dict:
         """Micro-batches until an optimizer step happened; returns the step's summed numbers.
 
         The reported loss is weighted by scored tokens over micro-batches and ranks, so a batch
         whose labels are all ignored (image-only, every caption truncated away; the model's loss
         is then 0 with zero gradient) adds nothing to it instead of pulling the mean down."""
-        import deepspeed.comm as dist
-
         engine = self.engine
-        sums = torch.zeros(9, dtype=torch.float64)
+        step = MicroBatchTotals()
         lr = engine.get_lr()[0] if engine.get_lr() else None
         while True:
             batch = self.batches.next()
             out = engine(**_device_batch(batch, self.device))
             loss = out.loss
             finite = bool(torch.isfinite(loss.detach()).all())
-            lengths = batch_text_lengths(batch)
-            scored = float((batch["labels"][:, 1:] != -100).sum())
-            local = torch.tensor([float(loss.detach()) * scored if finite else 0.0, 0.0 if finite else 1.0,
-                                  1.0 if self.stop.requested else 0.0, float(sum(lengths)), float(len(lengths)),
-                                  self._flops(batch), float(batch.get("n_skipped", 0)), scored if finite else 0.0,
-                                  float(batch.get("n_truncated", 0))],
-                                 dtype=torch.float64, device=self.device)
-            dist.all_reduce(local)
-            local = local.cpu()
-            sums[2:7] += local[2:7]
-            sums[8] += local[8]
-            if local[1] > 0:
-                # some rank saw NaN/inf: every rank drops this micro-batch (no backward, no step)
+            totals = self._micro_batch_totals(batch, loss, finite).all_reduce(self.device)
+            if totals.nonfinite > 0:
+                # some rank saw NaN/inf: every rank drops this micro-batch (no backward, no step);
+                # what it read still counts
+                step += dataclasses.replace(totals, loss_x_scored=0.0, scored=0.0)
                 del out, loss
                 self.guard.record(False, self.state.step + 1)
                 continue
+            step += totals
             self.guard.record(True, self.state.step + 1)
-            sums[0] += local[0]
-            sums[1] += 1
-            sums[7] += local[7]
             boundary = engine.is_gradient_accumulation_boundary()
             engine.backward(loss)
             if boundary and self._plain_optimizer:
@@ -126,14 +152,17 @@ class Trainer:
             engine.step()
             if boundary:
                 break
-        return {"loss": float(sums[0] / sums[7]) if sums[7] > 0 else 0.0, "lr": lr, "stop": bool(sums[2] > 0),
-                "tokens": float(sums[3]), "samples": float(sums[4]), "flops": float(sums[5]),
-                "data_skipped": float(sums[6]), "scored_tokens": float(sums[7]), "truncated": float(sums[8])}
+        return {"loss": step.loss_x_scored / step.scored if step.scored > 0 else 0.0, "lr": lr, "stop": step.stop > 0,
+                "tokens": step.tokens, "samples": step.samples, "flops": step.flops,
+                "data_skipped": step.data_skipped, "scored_tokens": step.scored, "truncated": step.truncated}
 
     # ------------------------------------------------------------------ the run
     def run(self) -> LoopState:
+        """Train from the current step (a fresh 0, or what load_state_dict restored) to run.max_steps."""
         cfg, engine, st = self.cfg, self.engine, self.state
         r = cfg.run
+        self.start_step, self.started_at = st.step, time.perf_counter()
+        self.metrics.open(st.step)
         engine.train()
         overflow_before = getattr(engine, "skipped_steps", 0)
         while st.step < r.max_steps:
@@ -155,7 +184,7 @@ class Trainer:
                 "tokens_per_s": result["tokens"] / elapsed, "samples_per_s": result["samples"] / elapsed,
                 "mfu": (result["flops"] / elapsed / (self.peak_tflops * 1e12 * self.world)
                         if self.peak_tflops else None),
-                "peak_tflops": self.peak_tflops, "mem_gb": _mem_gb(self.device),
+                "peak_tflops": self.peak_tflops, "mem_gb": memory_gb(self.device),
                 "skipped": self.guard.total, "overflow_skipped": getattr(engine, "skipped_steps", 0) - overflow_before,
                 "data_skipped": st.data_skipped, "truncated": st.truncated, "time_s": elapsed,
             }
@@ -171,7 +200,7 @@ class Trainer:
             stop = result["stop"]
             if stop or last or (r.save_steps and st.step % r.save_steps == 0):
                 if self.checkpoints.last_saved_step != st.step:
-                    path = self.checkpoints.save(engine, st.step, self.client_state())
+                    path = self.checkpoints.save(engine, st.step, self.state_dict())
                     self.metrics.write(f"saved checkpoint {path}")
             if stop:
                 st.stopped_by = self.stop.received or "signal"
@@ -196,10 +225,4 @@ class Trainer:
         self.metrics.write(" | ".join(parts))
         for reference, generated in ev.get("examples", [])[:2]:
             self.metrics.write(f"    image of {reference!r} -> {generated!r}")
-
-
-def _mem_gb(device) -> float:
-    from .metrics import memory_gb
-
-    return memory_gb(device)
 

@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm.auto import tqdm
 
 # dense bf16 tensor-core peaks, TFLOP/s; more specific names first
 PEAK_TFLOPS = (
@@ -63,28 +65,28 @@ def _finite_or_none(x) -> Optional[float]:
 
 
 class MetricsLogger:
-    """Rank 0 writes; other ranks hold a disabled logger so the loop calls it unconditionally."""
+    """Rank 0 writes; other ranks hold a disabled logger so the loop calls it unconditionally.
+    `write` works from the start; `open(start_step)` (the trainer calls it when its loop starts,
+    the resumed step known) opens metrics.jsonl, TensorBoard and the progress bar."""
 
-    def __init__(self, output_dir: Path, rank: int, max_steps: int, start_step: int, progress: bool = True,
-                 tensorboard: bool = True):
+    def __init__(self, output_dir: Path, rank: int, max_steps: int, progress: bool = True, tensorboard: bool = True):
         self.output_dir = Path(output_dir)
         self.active = rank == 0
         self.path = self.output_dir / "metrics.jsonl"
+        self.max_steps, self.progress, self.tensorboard = max_steps, progress, tensorboard
         self._file = self._writer = self._bar = None
-        if not self.active:
+
+    def open(self, start_step: int) -> None:
+        if not self.active or self._file is not None:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self._truncate_after(start_step)
         self._file = open(self.path, "a", buffering=1)
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
+        if self.tensorboard:
             # purge_step drops events a crashed run wrote past the checkpoint it resumes from
             self._writer = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=start_step + 1)
-        if progress:
-            from tqdm.auto import tqdm
-
-            self._bar = tqdm(total=max_steps, initial=start_step, desc="train", dynamic_ncols=True,
+        if self.progress:
+            self._bar = tqdm(total=self.max_steps, initial=start_step, desc="train", dynamic_ncols=True,
                              mininterval=1.0, file=sys.stderr)
 
     def _truncate_after(self, step: int) -> None:

@@ -5,19 +5,23 @@ work fails in a second with a message naming the setting, instead of after minut
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 from typing import Optional
 
+import torch
+
+from .. import ops
+from ..data import BUILTIN_TOKENIZERS, get_tokenizer, tokenizer_fingerprint
+from ..data.shards import expand_shards
 from .config import ConfigError, TrainConfig
 
 
 def check_data(cfg: TrainConfig) -> None:
     """The user's data exists and is readable: a JSONL manifest file, WebDataset shards."""
     d = cfg.data
-    from ..data.tokenizer import BUILTIN
-
-    if d.tokenizer is not None and d.tokenizer not in BUILTIN and not Path(d.tokenizer).exists():
-        names = " or ".join(repr(n) for n in BUILTIN)
+    if d.tokenizer is not None and d.tokenizer not in BUILTIN_TOKENIZERS and not Path(d.tokenizer).exists():
+        names = " or ".join(repr(n) for n in BUILTIN_TOKENIZERS)
         raise ConfigError(f"data.tokenizer: expected {names}, a tokenizer.json file or a folder, got {d.tokenizer!r} "
                           f"(no such file or folder)")
     if d.kind == "shapes":
@@ -37,8 +41,6 @@ def check_data(cfg: TrainConfig) -> None:
 
 
 def _check_shards(key: str, spec: str) -> None:
-    from ..data.shards import expand_shards
-
     try:
         urls = expand_shards(spec)
     except (FileNotFoundError, ValueError, TypeError) as e:
@@ -67,23 +69,19 @@ def check_output_dir(path: Path, rank: int) -> None:
 def check_backend(backend, device_type: str) -> None:
     """`--backend` (or MMGPT_BACKEND, which the ops read when it is unset) can run on this run's
     device; the error names what is available instead."""
-    from ..ops._dispatch import BACKENDS, ENV_VAR, available_backends, unavailable_reason
-
     source = "--backend"
     if backend is None:
-        backend = os.environ.get(ENV_VAR, "").strip() or None
-        source = f"{ENV_VAR} (environment)"
+        backend = os.environ.get(ops.BACKEND_ENV_VAR, "").strip() or None
+        source = f"{ops.BACKEND_ENV_VAR} (environment)"
         if backend is None:
             return
-        if backend not in BACKENDS:
-            raise ConfigError(f"{source}: expected one of {list(BACKENDS)}, got {backend!r}")
-    import torch
-
+        if backend not in ops.BACKENDS:
+            raise ConfigError(f"{source}: expected one of {list(ops.BACKENDS)}, got {backend!r}")
     device = torch.device(device_type)
-    reason = unavailable_reason(backend, device)
+    reason = ops.unavailable_reason(backend, device)
     if reason is not None:
         raise ConfigError(f"{source} {backend}: not available on {device_type} ({reason}); available here: "
-                          f"{available_backends(device)} (leave it unset to pick the best of them)")
+                          f"{ops.available_backends(device)} (leave it unset to pick the best of them)")
 
 
 def attention_head_dims(model_config) -> list[tuple[str, int, str]]:
@@ -96,40 +94,37 @@ def attention_head_dims(model_config) -> list[tuple[str, int, str]]:
     return dims
 
 
-def attention_fallback(model_config, backend: Optional[str], precision: str,
-                       triton_reason: Optional[str]) -> Optional[str]:
-    """The cuda backend's flash attention is built for FLASH_HEAD_DIMS in fp16/bf16; other cases
-    run on the triton kernels (ops/attention.py). A note naming that fallback (None when nothing
-    falls back), or ConfigError when the fallback cannot run here either (`triton_reason`)."""
-    if backend != "cuda":
-        return None
-    from ..ops.cuda import FLASH_HEAD_DIMS
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
-    off = [f"the {which} head dim {d} ({how})" for which, d, how in attention_head_dims(model_config)
-           if d not in FLASH_HEAD_DIMS]
-    if precision not in ("bf16", "fp16"):
-        off.append(f"precision {precision}")
-    if not off:
+
+def attention_fallback(model_config, backend: Optional[str], precision: str, device_type: str) -> Optional[str]:
+    """A note naming the attentions that `ops.attention_backend` sends to another backend than
+    `backend` (None when none is), or ConfigError when such a fallback cannot run on this device."""
+    if backend is None:
         return None
-    built = f"head dims {list(FLASH_HEAD_DIMS)} in fp16/bf16"
-    if triton_reason is not None:
-        raise ConfigError(f"--backend cuda: the CUDA flash attention is built for {built}, and {', '.join(off)} would "
-                          f"fall back to the triton kernels, which cannot run here ({triton_reason}); choose sizes "
-                          f"giving head dim {' or '.join(map(str, FLASH_HEAD_DIMS))} and bf16, or --backend torch")
-    return (f"note: --backend cuda: the CUDA flash attention is built for {built}; for {', '.join(off)} attention "
-            f"runs on the triton fallback (the other ops stay on cuda)")
+    if precision not in PRECISION_DTYPES:
+        raise ValueError(f"precision: expected a resolved precision, one of {list(PRECISION_DTYPES)}, got {precision!r}")
+    dtype = PRECISION_DTYPES[precision]
+    device = torch.device(device_type)
+    moved = {}  # backend -> the attentions it runs instead of `backend`
+    for which, d, how in attention_head_dims(model_config):
+        try:
+            runs_on = ops.attention_backend(d, dtype, backend, device)
+        except ValueError as e:
+            raise ConfigError(f"--backend {backend}: the {which} attention (head dim {d}: {how}; {precision}) cannot "
+                              f"run here: {e}; choose other sizes or precision, or --backend torch") from None
+        if runs_on != backend:
+            moved.setdefault(runs_on, []).append(f"the {which} head dim {d} ({how})")
+    if not moved:
+        return None
+    where = "; ".join(f"attention for {', '.join(parts)} runs on the {b} kernels" for b, parts in moved.items())
+    return f"note: --backend {backend}: in {precision}, {where} (ops.attention_backend); the other ops stay on {backend}"
 
 
 def check_attention_backend(model_config, backend: Optional[str], precision: str, device_type: str) -> Optional[str]:
     """attention_fallback for this run's backend (--backend, else MMGPT_BACKEND) on its device."""
-    from ..ops._dispatch import ENV_VAR, unavailable_reason
-
-    backend = backend or os.environ.get(ENV_VAR, "").strip() or None
-    if backend != "cuda":
-        return None
-    import torch
-
-    return attention_fallback(model_config, backend, precision, unavailable_reason("triton", torch.device(device_type)))
+    backend = backend or os.environ.get(ops.BACKEND_ENV_VAR, "").strip() or None
+    return attention_fallback(model_config, backend, precision, device_type)
 
 
 def launch_env() -> tuple[int, int, int, bool]:
@@ -146,8 +141,6 @@ def launch_env() -> tuple[int, int, int, bool]:
 
 def single_process_env() -> None:
     """The variables torch.distributed needs, for one process on this machine."""
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -163,8 +156,6 @@ def check_resume_tokenizer(cfg: TrainConfig, target) -> None:
     saved = target.meta.get("tokenizer")
     if saved is None:
         return
-    from ..data.tokenizer import get_tokenizer, tokenizer_fingerprint
-
     now = tokenizer_fingerprint(get_tokenizer(cfg.data.tokenizer))
     if saved != now:
         name = target.meta.get("tokenizer_name", saved.get("kind"))

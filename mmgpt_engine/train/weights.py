@@ -14,19 +14,24 @@ in the same order: both paths are collective.
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 from typing import Optional
 
+import deepspeed
+import deepspeed.comm as dist
+from deepspeed.utils import safe_get_full_fp32_param
+
+from ..model.gpt import MultimodalGPT
+from ..model.hub import CONFIG_NAME, WEIGHTS_NAME
 from .config import ConfigError
+from .faults import on_rank0
 
 
 def build_model(model_config, init_from: Optional[str], backend: Optional[str], written: Optional[dict] = None):
     """A MultimodalGPT: fresh from `model_config`; or a save_pretrained folder (its own config,
     with the model keys the user wrote in the training yaml, `written`, applied on top); or a
     Hugging Face GPT-2 text stack (sizes from its weights) with the vision side of `model_config`."""
-    from ..model.gpt import MultimodalGPT
-    from ..model.hub import CONFIG_NAME, WEIGHTS_NAME
-
     if init_from is None:
         return MultimodalGPT(model_config, backend=backend)
     written = {k: v for k, v in (written or {}).items() if k != "preset"}
@@ -39,7 +44,7 @@ def build_model(model_config, init_from: Optional[str], backend: Optional[str], 
         if ours:
             return MultimodalGPT.from_pretrained(path, backend=backend, **written)
         vision_keys = ("image_size", "patch_size", "in_channels", "vision_type", "vision_layers", "vision_width",
-                       "vision_heads", "dropout", "init_std", "gradient_checkpointing")
+                       "vision_heads", "vision_mlp_hidden", "dropout", "init_std", "gradient_checkpointing")
         overrides = {k: getattr(model_config, k) for k in vision_keys}
         overrides.update(written)
         return MultimodalGPT.from_hf_gpt2(str(path), backend=backend, **overrides)
@@ -48,8 +53,6 @@ def build_model(model_config, init_from: Optional[str], backend: Optional[str], 
 
 
 def _read_json(path: Path) -> dict:
-    import json
-
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -92,8 +95,6 @@ def register_tied_head(model) -> None:
     module's own forward has released it; registering it as an external parameter of the top-level
     module keeps it gathered there."""
     if getattr(model, "lm_head", "absent") is None:
-        import deepspeed
-
         deepspeed.zero.register_external_parameter(model, model.wte.weight)
 
 
@@ -106,16 +107,11 @@ def gathered(params, modifier_rank: Optional[int] = None):
     params = [p for p in params if _partitioned(p)]
     if not params:
         return contextlib.nullcontext()
-    import deepspeed
-
     return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
 
 
 def full_fp32_state_dict(engine) -> Optional[dict]:
     """The consolidated fp32 state dict on rank 0 (None elsewhere). Collective."""
-    import deepspeed.comm as dist
-    from deepspeed.utils import safe_get_full_fp32_param
-
     rank = dist.get_rank()
     module = engine.module
     state = {}
@@ -135,12 +131,6 @@ def full_fp32_state_dict(engine) -> Optional[dict]:
 def export_pretrained(engine, model_config, directory: Path, tokenizer=None, backend=None) -> Optional[Path]:
     """model.safetensors (fp32) + config.json (+ tokenizer files) for `generate`, written by
     rank 0 through the model's own save_pretrained. Collective; returns the folder on rank 0."""
-    import deepspeed.comm as dist
-
-    from ..model.gpt import MultimodalGPT
-
-    from .faults import on_rank0
-
     state = full_fp32_state_dict(engine)
 
     def save():

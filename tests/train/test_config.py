@@ -182,6 +182,7 @@ def nothing_heavy(monkeypatch):
 
     monkeypatch.setattr(deepspeed, "init_distributed", forbidden)
     monkeypatch.setattr(weights, "build_model", forbidden)
+    monkeypatch.setattr(cli, "build_model", forbidden)
     # absent, and restored after the test: a run in this process sets them for its world of one
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.setenv(key, "")
@@ -238,7 +239,7 @@ def test_incomplete_checkpoint_is_refused_by_path(tmp_path, capsys, nothing_heav
 
 
 def test_resume_with_another_tokenizer_is_refused(tmp_path, capsys, nothing_heavy):
-    from mmgpt_engine.data.tokenizer import get_tokenizer, tokenizer_fingerprint
+    from mmgpt_engine.data import get_tokenizer, tokenizer_fingerprint
 
     byte, shapes = (tokenizer_fingerprint(get_tokenizer(n)) for n in ("byte", "shapes"))
     assert byte != shapes and byte == tokenizer_fingerprint(get_tokenizer(None))
@@ -269,7 +270,7 @@ def test_bad_config_fails_through_the_launcher(tmp_path):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-def test_cuda_backend_names_the_attention_fallback_for_its_head_dims():
+def test_cuda_backend_names_the_attention_fallback_for_its_head_dims(monkeypatch):
     """--backend cuda with a head dim (or precision) its flash attention is not built for: the run
     says up front that attention falls back to triton, or fails when triton cannot run there."""
     from mmgpt_engine.model.config import ModelConfig
@@ -277,16 +278,31 @@ def test_cuda_backend_names_the_attention_fallback_for_its_head_dims():
     from mmgpt_engine.train.preflight import attention_fallback
 
     assert FLASH_HEAD_DIMS == (64, 128)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # triton runs on CPU tensors: the fallback is possible here
     fits = ModelConfig.from_preset("tiny", n_embd=128, n_head=2, vision_width=128, vision_heads=2)
-    assert attention_fallback(fits, "cuda", "bf16", None) is None
-    assert attention_fallback(fits, "triton", "fp32", None) is None           # only the cuda backend falls back
+    assert attention_fallback(fits, "cuda", "bf16", "cpu") is None
+    assert attention_fallback(fits, "triton", "fp32", "cpu") is None           # only the cuda backend falls back
     odd = ModelConfig.from_preset("tiny", n_embd=96, n_head=3, vision_width=128, vision_heads=2)
-    note = attention_fallback(odd, "cuda", "bf16", None)
-    assert note == ("note: --backend cuda: the CUDA flash attention is built for head dims [64, 128] in fp16/bf16; "
-                    "for the text head dim 32 (n_embd 96 / n_head 3) attention runs on the triton fallback (the other "
-                    "ops stay on cuda)")
-    assert "precision fp32" in attention_fallback(fits, "cuda", "fp32", None)
-    with pytest.raises(ConfigError, match=r"--backend cuda: .* the text head dim 32 \(n_embd 96 / n_head 3\) would fall "
-                                          r"back to the triton kernels, which cannot run here \(triton is gone\); "
-                                          r"choose sizes giving head dim 64 or 128 and bf16, or --backend torch"):
-        attention_fallback(odd, "cuda", "bf16", "triton is gone")
+    note = attention_fallback(odd, "cuda", "bf16", "cpu")
+    assert note == ("note: --backend cuda: in bf16, attention for the text head dim 32 (n_embd 96 / n_head 3) runs on "
+                    "the triton kernels (ops.attention_backend); the other ops stay on cuda")
+    assert "the text head dim 64 (n_embd 128 / n_head 2), the vision head dim 64" in attention_fallback(fits, "cuda",
+                                                                                                       "fp32", "cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # now triton cannot run on the CPU
+    with pytest.raises(ConfigError, match=r"--backend cuda: the text attention \(head dim 32: n_embd 96 / n_head 3; "
+                                          r"bf16\) cannot run here: the cuda flash attention is built for head dims "
+                                          r"\(64, 128\) .*TRITON_INTERPRET.*; choose other sizes or precision, or "
+                                          r"--backend torch"):
+        attention_fallback(odd, "cuda", "bf16", "cpu")
+
+
+def test_a_tokenizer_with_more_ids_than_the_model_has_is_refused():
+    from mmgpt_engine.data import get_tokenizer
+
+    cfg = TrainConfig.from_dict({}, source="test")
+    small = cfg.model_config().replace(vocab_size=100)
+    with pytest.raises(ConfigError, match=r"^data.tokenizer: its 259 ids do not fit model.vocab_size 100; set "
+                                          r"vocab_size >= 259"):
+        cli.build_datasets(cfg, small, get_tokenizer("byte"), rank=0, world=1)
+    train, val = cli.build_datasets(cfg, cfg.model_config().replace(vocab_size=300), get_tokenizer("byte"), 0, 1)
+    assert train.max_text_len == val.max_text_len == cfg.model_config().max_text_len

@@ -182,8 +182,10 @@ def test_exported_safetensors_is_the_trained_model_and_generates(runs, tmp_path)
     assert model.config.n_layer == 2 and model.config.n_embd == 64
     # the run's final val loss: 16 held-out samples, 8 per rank in micro-batches of 4, token-weighted
     tok = get_tokenizer(str(out3 / "model"))  # the run's own (configs/train_tiny.yaml names it)
-    val = build_dataset("shapes", split="val", tokenizer=tok, config=model.config, seed=1234)
-    collate = make_collate(tok, model.config)
+    c = model.config
+    val = build_dataset("shapes", split="val", tokenizer=tok, image_size=c.image_size, in_channels=c.in_channels,
+                        max_text_len=c.max_text_len, seed=1234)
+    collate = make_collate(tok)
     total = count = 0.0
     with torch.no_grad():
         for lo in range(0, 16, 4):
