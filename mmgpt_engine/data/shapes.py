@@ -61,8 +61,9 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: dict, cx: float, cy: float, ca
         draw.polygon([(cx, y0), (x1, y1), (x0, y1)], fill=color)
 
 
-def render_scene(rng: np.random.Generator, image_size: int) -> tuple[Image.Image, str]:
-    """One scene from `rng`: (RGB image, caption)."""
+def draw_scene(rng: np.random.Generator, image_size: int) -> tuple[Image.Image, dict]:
+    """One scene from `rng`: (RGB image, {"objects": [{size, color, shape}, ...], "relation": str or
+    None}); the first object stands in `relation` to the second."""
     canvas = image_size * _SUPERSAMPLE
     shade = int(rng.integers(0, 48))
     img = Image.new("RGB", (canvas, canvas), (shade, shade, shade))
@@ -72,7 +73,7 @@ def render_scene(rng: np.random.Generator, image_size: int) -> tuple[Image.Image
         s = SIZES[first["size"]] / 2
         cx, cy = rng.uniform(s, 1 - s, size=2)
         _draw_shape(draw, first, cx * canvas, cy * canvas, canvas, rng)
-        caption = f"a {first['size']} {first['color']} {first['shape']}"
+        scene = {"objects": [first], "relation": None}
     else:
         second = _describe(rng)
         relation = _pick(rng, RELATIONS)
@@ -90,9 +91,26 @@ def render_scene(rng: np.random.Generator, image_size: int) -> tuple[Image.Image
             pa, pb = (along_a, across_a), (along_b, across_b)
         _draw_shape(draw, first, pa[0] * canvas, pa[1] * canvas, canvas, rng)
         _draw_shape(draw, second, pb[0] * canvas, pb[1] * canvas, canvas, rng)
-        caption = (f"a {first['size']} {first['color']} {first['shape']} {relation} "
-                   f"a {second['size']} {second['color']} {second['shape']}")
-    return img.resize((image_size, image_size), Image.BOX), caption
+        scene = {"objects": [first, second], "relation": relation}
+    return img.resize((image_size, image_size), Image.BOX), scene
+
+
+def describe(obj: dict) -> str:
+    return f"a {obj['size']} {obj['color']} {obj['shape']}"
+
+
+def scene_caption(scene: dict) -> str:
+    """"a small red circle above a large blue square", "a large green triangle"."""
+    objects = scene["objects"]
+    if scene["relation"] is None:
+        return describe(objects[0])
+    return f"{describe(objects[0])} {scene['relation']} {describe(objects[1])}"
+
+
+def render_scene(rng: np.random.Generator, image_size: int) -> tuple[Image.Image, str]:
+    """One scene from `rng`: (RGB image, caption)."""
+    img, scene = draw_scene(rng, image_size)
+    return img, scene_caption(scene)
 
 
 class ShapesCaptionDataset(torch.utils.data.Dataset):
