@@ -112,3 +112,19 @@ def test_shapes_conversations_answer_what_the_picture_shows(tmp_path):
     for r in recs:
         for t in r["conversations"]:
             assert set(t["value"].replace("<image>", "").replace("?", " ").replace(".", " ").split()) <= known
+
+
+@pytest.mark.parametrize("mode", ["pad", "pack"])
+def test_conversations_with_and_without_images_share_a_batch(records, tmp_path, mode):
+    from mmgpt_engine.data import make_collate
+
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(records))
+    ds = _dataset(path, tmp_path)
+    samples = [ds[2], ds[0], ds[1]]               # text-only, image, image
+    batch = make_collate(TOK, mode=mode)(samples)
+    assert batch["images"].shape == (2, 3, 16, 16) and batch["image_sample"].tolist() == [1, 2]
+    assert torch.equal(batch["images"][0], samples[1]["image"])
+    assert int((batch["input_ids"] == IMAGE_TOKEN_ID).sum()) == 2
+    rows = batch["input_ids"] if mode == "pad" else [batch["input_ids"][0]]
+    assert [int((r == IMAGE_TOKEN_ID).sum()) for r in rows] == ([0, 1, 1] if mode == "pad" else [2])
