@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-SINGLE_TILE_MAX = 8192
+SINGLE_TILE_MAX = 16384
 LOOP_BLOCK = 2048
 
 
