@@ -80,29 +80,48 @@ def softmax(x, scale=1.0, mask=None, causal=False):
 
 
 # --------------------------------------------------------------------------------- cross-entropy
-def cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="mean"):
+def cross_entropy(logits, target, ignore_index=IGNORE_INDEX, reduction="mean", *, weight=None, label_smoothing=0.0,
+                  lse_square_scale=0.0, softcap=None, return_z_loss=False):
     """Softmax cross-entropy over the last dim of `logits` (..., V) with integer `target` (...).
 
     Rows whose target is `ignore_index` contribute 0. `mean` divides by the number of
-    non-ignored rows and is 0 (not NaN) when every row is ignored. A target outside [0, V) that is
-    not `ignore_index` gives a NaN loss for its row.
+    non-ignored rows (by their summed weight[target] with `weight`) and is 0 (not NaN) when every
+    row is ignored. A target outside [0, V) that is not `ignore_index` gives a NaN loss for its
+    row (the public op refuses it first). Options as `ops.cross_entropy` documents them:
+    weight (V,), label_smoothing (torch.nn.functional.cross_entropy's), lse_square_scale (the
+    z-loss, averaged over the counted rows unweighted), softcap (softcap * tanh(x / softcap)),
+    return_z_loss (also return the reduced z-loss).
     """
     v = logits.shape[-1]
     lc = logits.reshape(-1, v).to(_compute_dtype(logits.dtype))
+    if softcap is not None:
+        lc = softcap * torch.tanh(lc / softcap)
     t = target.reshape(-1)
     valid = t != ignore_index
     in_range = (t >= 0) & (t < v)
     safe_t = torch.where(in_range, t, torch.zeros_like(t))
     lse = torch.logsumexp(lc, dim=-1)
     picked = lc.gather(1, safe_t.unsqueeze(1)).squeeze(1)
-    loss = lse - picked
+    w = weight.to(lc.dtype) if weight is not None else None
+    w_t = w[safe_t] if w is not None else None
+    loss = lse - picked if w is None else w_t * (lse - picked)
+    if label_smoothing > 0:
+        # -sum_c w_c log p_c = (sum_c w_c) * lse - sum_c w_c x_c
+        smooth = v * lse - lc.sum(-1) if w is None else w.sum() * lse - (lc * w).sum(-1)
+        loss = (1 - label_smoothing) * loss + (label_smoothing / v) * smooth
     loss = torch.where(in_range | ~valid, loss, torch.full_like(loss, float("nan")))
     loss = torch.where(valid, loss, torch.zeros_like(loss))
+    z = torch.where(valid, lse_square_scale * lse * lse, torch.zeros_like(lse))
     if reduction == "none":
-        return loss.reshape(target.shape)
-    if reduction == "sum":
-        return loss.sum()
-    return loss.sum() / valid.sum().clamp_min(1).to(loss.dtype)
+        out, z_out = (loss + z).reshape(target.shape), z.reshape(target.shape)
+    elif reduction == "sum":
+        out, z_out = loss.sum() + z.sum(), z.sum()
+    else:
+        count = valid.sum()
+        denom = count.to(loss.dtype) if w is None else torch.where(valid, w_t, torch.zeros_like(w_t)).sum()
+        z_out = z.sum() / count.clamp_min(1).to(z.dtype)
+        out = loss.sum() / torch.where(count > 0, denom, torch.ones_like(denom)) + z_out
+    return (out, z_out) if return_z_loss else out
 
 
 # ------------------------------------------------------------------------------------- attention
