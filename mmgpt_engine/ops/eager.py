@@ -1,0 +1,130 @@
+"""The `torch` backend's production path: each op through the fastest plain-PyTorch route (SDPA,
+`F.layer_norm`, `F.cross_entropy`, ...), with the semantics of `ops.reference`.
+
+`ops.reference` stays the obviously-right ground truth (float64-capable, every option, what the
+tests compare against); this module is what a CPU run (or `backend="torch"` anywhere) executes.
+Each function handles the common cases itself and hands anything else (an option the fast route
+cannot express exactly) to the reference, so the two never disagree on what an op means:
+  - 16-bit inputs are computed in float32 and cast back, as the reference and the kernels do;
+  - attention: SDPA with a boolean mask (causal bottom-right, prefix-LM, window, per-sequence
+    blocks of a packed batch), GQA without repeating k/v; `return_lse`, softcap and ALiBi go to
+    the reference;
+  - a softmax row or an attention query that sees nothing gives 0 (SDPA's own rule on the CPU);
+  - cross-entropy's mean over no scored row is 0, not NaN.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import reference
+
+_LOW = (torch.float16, torch.bfloat16)
+
+
+def _compute(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in _LOW else t
+
+
+# ----------------------------------------------------------------------------------------- norms
+def layer_norm(x, weight=None, bias=None, eps=1e-5, residual=None):
+    h = x if residual is None else x + residual
+    hc = _compute(h)
+    w = weight.to(hc.dtype) if weight is not None else None
+    b = bias.to(hc.dtype) if bias is not None else None
+    y = F.layer_norm(hc, (h.shape[-1],), w, b, eps).to(x.dtype)
+    return y if residual is None else (y, h)
+
+
+def rms_norm(x, weight=None, eps=1e-6, residual=None):
+    h = x if residual is None else x + residual
+    hc = _compute(h)
+    w = weight.to(hc.dtype) if weight is not None else None
+    y = F.rms_norm(hc, (h.shape[-1],), w, eps).to(x.dtype)
+    return y if residual is None else (y, h)
+
+
+# --------------------------------------------------------------------------------------- softmax
+def softmax(x, scale=1.0, mask=None, causal=False):
+    xc = _compute(x)
+    s = xc * scale if scale != 1.0 else xc
+    keep = None
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            keep = mask
+        else:
+            s = s + mask.to(s.dtype)
+    if causal:
+        c = reference.causal_keep(x.shape[-2], x.shape[-1], x.device)
+        keep = c if keep is None else keep & c
+    if keep is None:
+        return torch.softmax(s, dim=-1).to(x.dtype)
+    # a row with every column masked is 0, not NaN (as the reference and the kernels give)
+    return torch._safe_softmax(s.masked_fill(~keep, float("-inf")), -1).to(x.dtype)
+
+
+# --------------------------------------------------------------------------------- cross-entropy
+def cross_entropy(logits, target, ignore_index=reference.IGNORE_INDEX, reduction="mean", **options):
+    if any(options.get(k) for k in ("lse_square_scale", "softcap", "return_z_loss")):
+        return reference.cross_entropy(logits, target, ignore_index, reduction, **options)
+    smoothing = float(options.get("label_smoothing", 0.0) or 0.0)
+    weight = options.get("weight")
+    v = logits.shape[-1]
+    lc = _compute(logits).reshape(-1, v)
+    t = target.reshape(-1)
+    w = weight.to(lc.dtype) if weight is not None else None
+    if reduction == "mean":
+        total = F.cross_entropy(lc, t, weight=w, ignore_index=ignore_index, reduction="sum",
+                                label_smoothing=smoothing)
+        valid = t != ignore_index
+        denom = valid.sum().to(lc.dtype) if w is None else w[t.clamp_min(0)].masked_fill(~valid, 0).sum()
+        return total / torch.where(denom > 0, denom, torch.ones_like(denom))
+    loss = F.cross_entropy(lc, t, weight=w, ignore_index=ignore_index, reduction=reduction,
+                           label_smoothing=smoothing)
+    return loss.reshape(target.shape) if reduction == "none" else loss
+
+
+# ------------------------------------------------------------------------------------- attention
+def _packed_keep(cu_seqlens: torch.Tensor, causal: bool, prefix) -> torch.Tensor:
+    """(total, total) bool: each packed sequence sees only itself, causally (+ its prefix block)."""
+    total = int(cu_seqlens[-1])
+    cu = cu_seqlens.to(torch.long)
+    pos_all = torch.arange(total, device=cu.device)
+    seq = torch.searchsorted(cu[1:], pos_all, right=True)
+    pos = pos_all - cu[seq]
+    keep = seq.unsqueeze(1) == seq.unsqueeze(0)
+    if causal:
+        visible = pos.unsqueeze(0) <= pos.unsqueeze(1)
+        if prefix is not None:
+            p = prefix.to(device=cu.device, dtype=torch.long)[seq] if isinstance(prefix, torch.Tensor) \
+                else torch.full_like(seq, int(prefix))
+            visible = visible | ((pos.unsqueeze(0) < p.unsqueeze(1)) & (pos.unsqueeze(1) < p.unsqueeze(1)))
+        keep = keep & visible
+    return keep
+
+
+def flash_attention(q, k, v, *, causal=False, prefix_len=None, cu_seqlens=None, max_seqlen=None,
+                    softmax_scale=None, return_lse=False, **options):
+    plain = not return_lse and not options.get("softcap") and options.get("alibi_slopes") is None \
+        and options.get("cu_seqlens_k") is None and tuple(options.get("window_size", (-1, -1))) == (-1, -1)
+    if not plain:
+        return reference.flash_attention(q, k, v, causal=causal, prefix_len=prefix_len, cu_seqlens=cu_seqlens,
+                                         max_seqlen=max_seqlen, softmax_scale=softmax_scale,
+                                         return_lse=return_lse, **options)
+    if prefix_len is not None:
+        causal = True
+    s_q, s_k = q.shape[1], k.shape[1]
+    if cu_seqlens is not None:
+        keep = _packed_keep(cu_seqlens, causal, prefix_len)
+    elif causal:
+        keep = reference.attention_keep_mask(s_q, s_k, causal=True, prefix_len=prefix_len, device=q.device)
+        if keep is not None and keep.dim() == 3:
+            keep = keep.unsqueeze(1)  # (B, 1, S_q, S_k): one prefix per batch element
+    else:
+        keep = None
+    qc, kc, vc = (_compute(t).transpose(1, 2) for t in (q, k, v))
+    out = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=keep, scale=softmax_scale,
+                                         enable_gqa=q.shape[2] != k.shape[2])
+    return out.transpose(1, 2).to(q.dtype)
