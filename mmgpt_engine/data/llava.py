@@ -216,6 +216,22 @@ class LlavaConversations(torch.utils.data.Dataset):
             return sample
         raise RuntimeError(f"data: none of the {n} records can train (reasons so far: {dict(self.skipped)})")
 
+    def modality_lengths(self) -> list[int]:
+        """Per record, its words (+ image tokens) as LLaVA's `modality_lengths` counts them: > 0 with
+        an image, < 0 text-only (for group_by_modality_length; an unreadable record counts 1 word)."""
+        out = []
+        for index in range(len(self.index)):
+            try:
+                record = self.record(index)
+                words = sum(len(str(t.get("value", "")).split()) for t in record.get("conversations") or []
+                            if isinstance(t, dict))
+                image = bool(record.get("image"))
+            except SkipSample:
+                words, image = 1, False
+            words = max(words, 1)
+            out.append(words + self.image_tokens if image else -words)
+        return out
+
     def audit(self, limit: int = 0) -> dict:
         """Render the first `limit` records (all when limit <= 0): counts of samples, scored tokens,
         truncations, notes, and the unscorable ones by reason with up to 3 ids each."""

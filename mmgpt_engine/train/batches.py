@@ -64,6 +64,60 @@ class StreamSampler(Sampler):
         raise TypeError("StreamSampler is endless")
 
 
+class ModalityGroupedSampler(StreamSampler):
+    """The stream in LLaVA's `group_by_modality_length` order: each epoch, the samples with an image
+    and the text-only ones are shuffled apart and cut into groups of `group` samples (one
+    optimizer step's worth: micro x grad_accum x world), each group sorted longest first so the
+    micro-batches cut from it pad little; the groups are then shuffled together (the leftovers of
+    both kinds close the epoch, topped up to whole groups with samples drawn again, so one group is
+    mixed). A step so sees one modality, and similar lengths.
+
+    `lengths[i]` > 0 for a sample with an image, < 0 for a text-only one (|length| its size)."""
+
+    def __init__(self, lengths, group: int, micro: int, rank: int, world: int, seed: int, start: int = 0):
+        super().__init__(len(lengths), micro, rank, world, seed, start=start, shuffle=True)
+        if group < 1 or group % (micro * world):
+            raise ValueError(f"group: expected a positive multiple of micro x world ({micro * world}), got {group}")
+        self.lengths = torch.as_tensor(list(lengths), dtype=torch.long)
+        if bool((self.lengths == 0).any()):
+            raise ValueError("lengths: expected non-zero lengths (> 0 with an image, < 0 text-only), got a 0")
+        self.group = group
+        # an epoch is a whole number of groups, so every epoch's groups line up with the steps:
+        # the last (mixed) group is topped up with samples drawn again from the epoch's start
+        self.epoch_len = -(-self.n // group) * group
+
+    def index(self, q: int) -> int:
+        epoch, offset = divmod(q, self.epoch_len)
+        return int(self._perm(epoch)[offset])
+
+    def _perm(self, epoch: int) -> torch.Tensor:
+        if epoch in self._perms:
+            return self._perms[epoch]
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        groups, leftovers, kinds = [], [], []
+        for kind in (self.lengths > 0, self.lengths < 0):
+            members = torch.nonzero(kind).flatten()
+            members = members[torch.randperm(members.numel(), generator=g)]
+            full = members.numel() // self.group * self.group
+            groups += [members[lo:lo + self.group] for lo in range(0, full, self.group)]
+            leftovers.append(members[full:])
+            kinds.append(members)
+        order = [groups[i] for i in torch.randperm(len(groups), generator=g).tolist()]
+        # the leftovers, images first then text, topped up from the text (else image) samples so
+        # that only the group where the two meet is mixed
+        rest = torch.cat(leftovers)
+        if rest.numel():
+            donor = kinds[1] if kinds[1].numel() else kinds[0]
+            short = self.epoch_len - self.n
+            rest = torch.cat([rest, donor.repeat(-(-short // donor.numel()))[:short]])
+            order += [rest[lo:lo + self.group] for lo in range(0, rest.numel(), self.group)]
+        order = [grp[torch.argsort(self.lengths[grp].abs(), descending=True, stable=True)] for grp in order]
+        if len(self._perms) > 2:
+            self._perms.pop(min(self._perms))
+        self._perms[epoch] = torch.cat(order)
+        return self._perms[epoch]
+
+
 class StallWatchdog:
     """Reports a batch fetch that has waited `seconds` (and 2x, 3x, ...) from a daemon thread;
     `seconds` <= 0 turns it off."""
@@ -112,8 +166,11 @@ class MapBatches:
     """Micro-batches of a map-style dataset for this rank, resumable at a stream position."""
 
     def __init__(self, dataset, collate, micro: int, rank: int, world: int, seed: int, num_workers: int = 0,
-                 watchdog: Optional[StallWatchdog] = None):
+                 watchdog: Optional[StallWatchdog] = None, modality_group: Optional[int] = None):
         self.dataset, self.collate = dataset, collate
+        # group_by_modality_length: the stream's order groups this many samples by modality
+        self.modality_group = modality_group
+        self.lengths = dataset.modality_lengths() if modality_group else None
         self.micro, self.rank, self.world, self.seed, self.num_workers = micro, rank, world, seed, num_workers
         self.position = 0  # stream samples consumed by all ranks together
         self._iter = None
@@ -134,7 +191,12 @@ class MapBatches:
         self._iter = None
 
     def _loader(self):
-        sampler = StreamSampler(len(self.dataset), self.micro, self.rank, self.world, self.seed, start=self.position)
+        if self.modality_group:
+            sampler = ModalityGroupedSampler(self.lengths, self.modality_group, self.micro, self.rank, self.world,
+                                             self.seed, start=self.position)
+        else:
+            sampler = StreamSampler(len(self.dataset), self.micro, self.rank, self.world, self.seed,
+                                    start=self.position)
         # its own generator: creating a loader iterator must not draw from the global torch RNG,
         # which the checkpoint restores for exact resume
         return iter(DataLoader(self.dataset, batch_sampler=sampler, collate_fn=self.collate,
@@ -213,11 +275,19 @@ def eval_batches(dataset, collate, micro: int, rank: int, world: int, limit: int
 
 
 def build_batches(dataset, collate, micro: int, rank: int, world: int, seed: int, num_workers: int = 0,
-                  stall_warning_s: float = 0.0):
+                  stall_warning_s: float = 0.0, modality_group: Optional[int] = None):
+    """modality_group: group the stream by modality in steps of this many samples (the global
+    batch); map-style datasets with `modality_lengths()` only."""
     watchdog = StallWatchdog(stall_warning_s, rank)
     if isinstance(dataset, torch.utils.data.IterableDataset):
+        if modality_group:
+            raise ValueError("data.group_by_modality_length: needs map-style data (llava, jsonl, shapes), "
+                             "the WebDataset stream cannot be reordered")
         return IterableBatches(dataset, collate, micro, seed, num_workers, watchdog=watchdog)
-    return MapBatches(dataset, collate, micro, rank, world, seed, num_workers, watchdog=watchdog)
+    if modality_group and not hasattr(dataset, "modality_lengths"):
+        raise ValueError(f"data.group_by_modality_length: {type(dataset).__name__} has no modality_lengths()")
+    return MapBatches(dataset, collate, micro, rank, world, seed, num_workers, watchdog=watchdog,
+                      modality_group=modality_group)
 
 
 def batch_text_lengths(batch: dict) -> list[int]:
