@@ -187,18 +187,16 @@ inline RowPlan plan_row(int n, int vec, int max_elems) {
   return {false, false, 0, 1024};
 }
 
+// The current device's SM count and shared-memory opt-in (queried once per device, launch.cuh);
+// 1 SM and no opt-in where the query fails (the launch then reports the device's error).
 inline int sm_count() {
-  int dev = 0, sms = 0;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  return sms > 0 ? sms : 1;
+  DeviceLimits d{};
+  return device_limits(d) == cudaSuccess && d.sm_count > 0 ? d.sm_count : 1;
 }
 
 inline int max_smem_optin() {
-  int dev = 0, bytes = 0;
-  cudaGetDevice(&dev);
-  cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-  return bytes;
+  DeviceLimits d{};
+  return device_limits(d) == cudaSuccess ? d.smem_optin : 0;
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

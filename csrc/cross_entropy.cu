@@ -16,7 +16,7 @@ constexpr int kThreads = 512;
 constexpr int kBwdVectorsPerThread = 4;  // vectors of 16 bytes each thread writes per backward block
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) cross_entropy_fwd_kernel(const CrossEntropyFwdParams p) {
+MMGPT_KERNEL(kThreads, cross_entropy_fwd_kernel, const CrossEntropyFwdParams p) {
   constexpr int VEC = Vec<T>::kWidth;
   __shared__ float scratch[32];
   const int64_t row = blockIdx.x;
@@ -52,7 +52,7 @@ __global__ void __launch_bounds__(kThreads) cross_entropy_fwd_kernel(const Cross
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) cross_entropy_bwd_kernel(const CrossEntropyBwdParams p, int chunk) {
+MMGPT_KERNEL(kThreads, cross_entropy_bwd_kernel, const CrossEntropyBwdParams p, int chunk) {
   constexpr int VEC = Vec<T>::kWidth;
   const int64_t row = blockIdx.x;
   const int64_t t = p.target[row];

@@ -8,9 +8,10 @@
 //     tiles S^T = K Q^T and dP^T = V dO^T so that P^T and dS^T come out in registers already in
 //     the A-operand layout of dV += P^T dO and dK += dS^T Q. dK/dV are summed over the group
 //     inside the block: no atomics, no reduction pass.
-//  3. dQ: a block owns 64 queries (like the forward) and walks their visible key blocks:
-//     dQ += dS K. Recomputing S and dP here costs two extra matmuls per tile compared with a
-//     fused kernel that adds dQ with float atomics, and buys determinism and simplicity.
+//  3. dQ: a block owns 64 queries (like the forward) and walks their visible key blocks (64 keys, or
+//     32 on cards whose shared memory cannot hold the 64-key tiles at head dim 128): dQ += dS K.
+//     Recomputing S and dP here costs two extra matmuls per tile compared with a fused kernel that
+//     adds dQ with float atomics, and buys determinism and simplicity.
 #include "flash_attn_common.cuh"
 
 namespace mmgpt {
@@ -23,18 +24,19 @@ constexpr float kPosInf = INFINITY;
 
 // Query tile of the dK/dV kernel: fewer queries for the wide head dim keep the two D-wide
 // accumulators (dK, dV) plus the score tiles within the register file.
-template <int D> constexpr int dkdv_block_m() { return D <= 64 ? 64 : 32; }
+template <int D> __host__ __device__ constexpr int dkdv_block_m() { return D <= 64 ? 64 : 32; }
 
 template <int D> constexpr int dkdv_smem_bytes() {
   return (2 * kBlockKeys + 4 * dkdv_block_m<D>()) * Tile<D>::kPitch * 2 + 4 * dkdv_block_m<D>() * 4;
 }
-template <int D> constexpr int dq_smem_bytes() { return (2 * kBlockQueries + 4 * kBlockKeys) * Tile<D>::kPitch * 2; }
+// Q and dO, and two buffers each of K and V with BN keys.
+template <int D, int BN> constexpr int dq_smem_bytes() { return (2 * kBlockQueries + 4 * BN) * Tile<D>::kPitch * 2; }
 
 // lse in the log2 domain, +inf for a query that sees nothing (or does not exist): exp2(x - lse) = 0.
 __device__ __forceinline__ float lse_log2(float lse) { return lse == kNegInf ? kPosInf : lse * kLog2e; }
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) flash_bwd_delta_kernel(const FlashParams p, int64_t rows) {
+MMGPT_KERNEL(kThreads, flash_bwd_delta_kernel, const FlashParams p, int64_t rows) {
   const int64_t idx = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);  // (batch, row, head)
   if (idx >= rows) return;
   const int lane = threadIdx.x & 31;
@@ -51,7 +53,7 @@ __global__ void __launch_bounds__(kThreads) flash_bwd_delta_kernel(const FlashPa
 }
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) flash_bwd_dkdv_kernel(const FlashParams p) {
+MMGPT_KERNEL(kThreads, flash_bwd_dkdv_kernel, const FlashParams p, const GridOffset off) {
   constexpr int BM = dkdv_block_m<D>();
   constexpr int P = Tile<D>::kPitch;
   constexpr int DT = D / 8, NT = BM / 8;
@@ -63,10 +65,10 @@ __global__ void __launch_bounds__(kThreads) flash_bwd_dkdv_kernel(const FlashPar
   float* sLse = reinterpret_cast<float*>(sdO + 2 * BM * P);  // [2][BM], log2 domain
   float* sDelta = sLse + 2 * BM;                              // [2][BM]
 
-  const SeqView seq(p, blockIdx.z);
+  const SeqView seq(p, static_cast<int>(blockIdx.z + off.z));
   const int n0 = blockIdx.x * kBlockKeys;
   if (n0 >= seq.len_k) return;
-  const int kvh = blockIdx.y;
+  const int kvh = static_cast<int>(blockIdx.y + off.y);
   const int group = p.heads / p.kv_heads;
   const T* k = static_cast<const T*>(p.k) + seq.batch * p.k_batch_stride + (seq.start + n0) * p.k_row_stride +
                kvh * p.k_head_stride;
@@ -100,10 +102,14 @@ __global__ void __launch_bounds__(kThreads) flash_bwd_dkdv_kernel(const FlashPar
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[t][e] = dv[t][e] = 0.f;
 
-  load_tile_async<kBlockKeys, D>(sK, k, p.k_row_stride, seq.len_k - n0);
-  load_tile_async<kBlockKeys, D>(sV, v, p.v_row_stride, seq.len_k - n0);
-  if (iters > 0) issue(0, 0);
-  cp_async_commit();
+  // without a query block (no queries: seqlen_q = 0) dK = dV = 0 and nothing is loaded, so that no
+  // copy is still in flight when the block exits
+  if (iters > 0) {
+    load_tile_async<kBlockKeys, D>(sK, k, p.k_row_stride, seq.len_k - n0);
+    load_tile_async<kBlockKeys, D>(sV, v, p.v_row_stride, seq.len_k - n0);
+    issue(0, 0);
+    cp_async_commit();
+  }
 
   for (int it = 0; it < iters; ++it) {
     const int buf = it & 1;
@@ -163,20 +169,20 @@ __global__ void __launch_bounds__(kThreads) flash_bwd_dkdv_kernel(const FlashPar
   }
 }
 
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) flash_bwd_dq_kernel(const FlashParams p) {
+template <typename T, int D, int BN>
+MMGPT_KERNEL(kThreads, flash_bwd_dq_kernel, const FlashParams p, const GridOffset off) {
   constexpr int P = Tile<D>::kPitch;
-  constexpr int KD = D / 16, DT = D / 8, NT = kBlockKeys / 8;
+  constexpr int KD = D / 16, DT = D / 8, NT = BN / 8;
   MMGPT_DYNAMIC_SMEM(unsigned char, smem_raw);
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* sdO = sQ + kBlockQueries * P;
-  T* sK = sdO + kBlockQueries * P;  // [2][kBlockKeys][P]
-  T* sV = sK + 2 * kBlockKeys * P;  // [2][kBlockKeys][P]
+  T* sK = sdO + kBlockQueries * P;  // [2][BN][P]
+  T* sV = sK + 2 * BN * P;          // [2][BN][P]
 
-  const SeqView seq(p, blockIdx.z);
+  const SeqView seq(p, static_cast<int>(blockIdx.z + off.z));
   const int m0 = blockIdx.x * kBlockQueries;
   if (m0 >= seq.len_q) return;
-  const int h = blockIdx.y;
+  const int h = static_cast<int>(blockIdx.y + off.y);
   const int kvh = h / (p.heads / p.kv_heads);
   const T* q = static_cast<const T*>(p.q) + seq.batch * p.q_batch_stride + (seq.start + m0) * p.q_row_stride +
                h * p.q_head_stride;
@@ -186,7 +192,7 @@ __global__ void __launch_bounds__(kThreads) flash_bwd_dq_kernel(const FlashParam
                kvh * p.k_head_stride;
   const T* v = static_cast<const T*>(p.v) + seq.batch * p.v_batch_stride + seq.start * p.v_row_stride +
                kvh * p.v_head_stride;
-  const int n_blocks = (seq.key_end(m0, kBlockQueries) + kBlockKeys - 1) / kBlockKeys;
+  const int n_blocks = (seq.key_end(m0, kBlockQueries) + BN - 1) / BN;
 
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, qd = lane & 3;
   const float scale_log2 = p.scale * kLog2e;
@@ -207,27 +213,25 @@ __global__ void __launch_bounds__(kThreads) flash_bwd_dq_kernel(const FlashParam
   if (n_blocks > 0) {
     load_tile_async<kBlockQueries, D>(sQ, q, p.q_row_stride, seq.len_q - m0);
     load_tile_async<kBlockQueries, D>(sdO, dout, p.do_row_stride, seq.len_q - m0);
-    load_tile_async<kBlockKeys, D>(sK, k, p.k_row_stride, seq.len_k);
-    load_tile_async<kBlockKeys, D>(sV, v, p.v_row_stride, seq.len_k);
+    load_tile_async<BN, D>(sK, k, p.k_row_stride, seq.len_k);
+    load_tile_async<BN, D>(sV, v, p.v_row_stride, seq.len_k);
     cp_async_commit();
   }
   for (int nb = 0; nb < n_blocks; ++nb) {
     const int buf = nb & 1;
-    const int n0 = nb * kBlockKeys;
+    const int n0 = nb * BN;
     cp_async_wait_all();
     __syncthreads();
     if (nb + 1 < n_blocks) {
-      const int n1 = n0 + kBlockKeys;
-      load_tile_async<kBlockKeys, D>(sK + (buf ^ 1) * kBlockKeys * P, k + n1 * p.k_row_stride, p.k_row_stride,
-                                     seq.len_k - n1);
-      load_tile_async<kBlockKeys, D>(sV + (buf ^ 1) * kBlockKeys * P, v + n1 * p.v_row_stride, p.v_row_stride,
-                                     seq.len_k - n1);
+      const int n1 = n0 + BN;
+      load_tile_async<BN, D>(sK + (buf ^ 1) * BN * P, k + n1 * p.k_row_stride, p.k_row_stride, seq.len_k - n1);
+      load_tile_async<BN, D>(sV + (buf ^ 1) * BN * P, v + n1 * p.v_row_stride, p.v_row_stride, seq.len_k - n1);
       cp_async_commit();
     }
-    const T* tK = sK + buf * kBlockKeys * P;
-    const T* tV = sV + buf * kBlockKeys * P;
+    const T* tK = sK + buf * BN * P;
+    const T* tV = sV + buf * BN * P;
 
-    // S = Q K^T and dP = dO V^T for this warp's 16 queries x 64 keys
+    // S = Q K^T and dP = dO V^T for this warp's 16 queries x BN keys
     float s[NT][4], ds[NT][4];
 #pragma unroll
     for (int t = 0; t < NT; ++t)
@@ -250,7 +254,7 @@ __global__ void __launch_bounds__(kThreads) flash_bwd_dq_kernel(const FlashParam
       }
     }
     // dS = P * (dP - delta), P = exp(scale * S - lse)
-    const bool masked = seq.needs_mask(m0, n0, kBlockKeys);
+    const bool masked = seq.needs_mask(m0, n0, BN);
 #pragma unroll
     for (int t = 0; t < NT; ++t)
 #pragma unroll
@@ -279,13 +283,23 @@ __global__ void __launch_bounds__(kThreads) flash_bwd_dq_kernel(const FlashParam
   }
 }
 
+template <typename T, int D, int BN> cudaError_t launch_dq(const FlashParams& p, dim3 grid, cudaStream_t stream) {
+  constexpr int smem = dq_smem_bytes<D, BN>();
+  auto kernel = flash_bwd_dq_kernel<T, D, BN>;
+  const cudaError_t err = allow_dynamic_smem(kernel, smem);
+  if (err != cudaSuccess) return err;
+  return launch_sliced(grid, [&](dim3 slice, GridOffset off) {
+    MMGPT_LAUNCH(kernel, slice, kThreads, smem, stream, p, off);
+  });
+}
+
 template <typename T, int D> cudaError_t launch_bwd(const FlashParams& p, cudaStream_t stream) {
   const int64_t tensor_batch = p.cu_seqlens != nullptr ? 1 : p.batch;
   const int64_t rows = tensor_batch * p.seqlen_q * p.heads;
   if (rows > 0) {
     auto kernel = flash_bwd_delta_kernel<T, D>;
     MMGPT_LAUNCH(kernel, static_cast<unsigned>((rows + kWarps - 1) / kWarps), kThreads, 0, stream, p, rows);
-    cudaError_t err = cudaGetLastError();
+    const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
   const int max_q = p.cu_seqlens != nullptr ? p.max_seqlen : p.seqlen_q;
@@ -293,23 +307,29 @@ template <typename T, int D> cudaError_t launch_bwd(const FlashParams& p, cudaSt
   const dim3 kv_grid((max_k + kBlockKeys - 1) / kBlockKeys, p.kv_heads, p.batch);
   if (kv_grid.x > 0 && kv_grid.y > 0 && kv_grid.z > 0) {
     constexpr int smem = dkdv_smem_bytes<D>();
+    static_assert(smem <= kMinSmemOptin, "the dK/dV tiles fit every card of compute capability >= 8.0");
     auto kernel = flash_bwd_dkdv_kernel<T, D>;
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (err != cudaSuccess) return err;
-    MMGPT_LAUNCH(kernel, kv_grid, kThreads, smem, stream, p);
-    err = cudaGetLastError();
+    cudaError_t err = allow_dynamic_smem(kernel, smem);
+    if (err == cudaSuccess)
+      err = launch_sliced(kv_grid, [&](dim3 slice, GridOffset off) {
+        MMGPT_LAUNCH(kernel, slice, kThreads, smem, stream, p, off);
+      });
     if (err != cudaSuccess) return err;
   }
   const dim3 q_grid((max_q + kBlockQueries - 1) / kBlockQueries, p.heads, p.batch);
-  if (q_grid.x > 0 && q_grid.y > 0 && q_grid.z > 0) {
-    constexpr int smem = dq_smem_bytes<D>();
-    auto kernel = flash_bwd_dq_kernel<T, D>;
-    cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (q_grid.x == 0 || q_grid.y == 0 || q_grid.z == 0) return cudaSuccess;
+  // 64 keys per block where they fit in every card's shared memory (head dim 64), else where they fit
+  // in this one's (head dim 128: 102 KB, above the 99 KB of sm_86 / sm_89 / sm_120), else 32
+  static_assert(dq_smem_bytes<D, 32>() <= kMinSmemOptin, "the 32-key dQ tiles fit every card of compute capability 8+");
+  if constexpr (dq_smem_bytes<D, 64>() <= kMinSmemOptin) {
+    return launch_dq<T, D, 64>(p, q_grid, stream);
+  } else {
+    DeviceLimits device{};
+    const cudaError_t err = device_limits(device);
     if (err != cudaSuccess) return err;
-    MMGPT_LAUNCH(kernel, q_grid, kThreads, smem, stream, p);
-    return cudaGetLastError();
+    if (dq_smem_bytes<D, 64>() <= device.smem_optin) return launch_dq<T, D, 64>(p, q_grid, stream);
+    return launch_dq<T, D, 32>(p, q_grid, stream);
   }
-  return cudaSuccess;
 }
 
 template <typename T> cudaError_t launch_bwd_dtype(const FlashParams& p, cudaStream_t stream) {

@@ -20,7 +20,7 @@ constexpr int kBlockN = 64;
 template <int D> constexpr int fwd_smem_bytes() { return (kBlockM + 4 * kBlockN) * Tile<D>::kPitch * 2; }
 
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) flash_fwd_kernel(const FlashParams p) {
+MMGPT_KERNEL(kThreads, flash_fwd_kernel, const FlashParams p, const GridOffset off) {
   constexpr int P = Tile<D>::kPitch;
   constexpr int KD = D / 16;        // k-slices of the head dim
   constexpr int NT = kBlockN / 8;   // score tiles per key block
@@ -30,10 +30,10 @@ __global__ void __launch_bounds__(kThreads) flash_fwd_kernel(const FlashParams p
   T* sK = sQ + kBlockM * P;     // [2][kBlockN][P]
   T* sV = sK + 2 * kBlockN * P; // [2][kBlockN][P]
 
-  const SeqView seq(p, blockIdx.z);
+  const SeqView seq(p, static_cast<int>(blockIdx.z + off.z));
   const int m0 = blockIdx.x * kBlockM;
   if (m0 >= seq.len_q) return;  // a short sequence of a packed batch
-  const int h = blockIdx.y;
+  const int h = static_cast<int>(blockIdx.y + off.y);
   const int kvh = h / (p.heads / p.kv_heads);
   const T* q = static_cast<const T*>(p.q) + seq.batch * p.q_batch_stride + (seq.start + m0) * p.q_row_stride +
                h * p.q_head_stride;
@@ -158,11 +158,13 @@ template <typename T, int D> cudaError_t launch_fwd(const FlashParams& p, cudaSt
   const dim3 grid((max_q + kBlockM - 1) / kBlockM, p.heads, p.batch);
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return cudaSuccess;
   constexpr int smem = fwd_smem_bytes<D>();
+  static_assert(smem <= kMinSmemOptin, "the forward tiles fit every card of compute capability >= 8.0");
   auto kernel = flash_fwd_kernel<T, D>;
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  const cudaError_t err = allow_dynamic_smem(kernel, smem);
   if (err != cudaSuccess) return err;
-  MMGPT_LAUNCH(kernel, grid, kThreads, smem, stream, p);
-  return cudaGetLastError();
+  return launch_sliced(grid, [&](dim3 slice, GridOffset off) {
+    MMGPT_LAUNCH(kernel, slice, kThreads, smem, stream, p, off);
+  });
 }
 
 template <typename T> cudaError_t launch_fwd_dtype(const FlashParams& p, cudaStream_t stream) {

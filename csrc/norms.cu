@@ -22,7 +22,7 @@ template <typename T> constexpr int bwd_max_elems() { return sizeof(T) == 4 ? 16
 constexpr int kLoopedThreads = 512;
 
 template <typename T, int NV, bool WARP_ROW>
-__global__ void __launch_bounds__((RowBounds<WARP_ROW, NV * Vec<T>::kWidth>::kMaxThreads)) norm_fwd_kernel(const NormFwdParams p) {
+MMGPT_KERNEL((RowBounds<WARP_ROW, NV * Vec<T>::kWidth>::kMaxThreads), norm_fwd_kernel, const NormFwdParams p) {
   __shared__ float scratch[32];
   const RowGroup<WARP_ROW> g;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * g.count + g.index;
@@ -85,7 +85,7 @@ __global__ void __launch_bounds__((RowBounds<WARP_ROW, NV * Vec<T>::kWidth>::kMa
 
 // Rows too long for registers: three passes over the row (the later ones hit L2).
 template <typename T>
-__global__ void __launch_bounds__(1024) norm_fwd_looped_kernel(const NormFwdParams p) {
+MMGPT_KERNEL(1024, norm_fwd_looped_kernel, const NormFwdParams p) {
   constexpr int VEC = Vec<T>::kWidth;
   __shared__ float scratch[32];
   const int n = p.n;
@@ -141,7 +141,8 @@ __global__ void __launch_bounds__(1024) norm_fwd_looped_kernel(const NormFwdPara
 // Backward, rows in registers. Shared memory: per row group, n_acc arrays of `slots` floats
 // (slot (i * VEC + j) * size + lane holds column col(i, j, lane, size) of this thread).
 template <typename T, int NV, bool WARP_ROW>
-__global__ void __launch_bounds__((RowBounds<WARP_ROW, NV * Vec<T>::kWidth>::kMaxThreads)) norm_bwd_kernel(const NormBwdParams p, float* dw_part, float* db_part) {
+MMGPT_KERNEL((RowBounds<WARP_ROW, NV * Vec<T>::kWidth>::kMaxThreads), norm_bwd_kernel, const NormBwdParams p,
+             float* dw_part, float* db_part) {
   constexpr int VEC = RowSlice<T, NV>::VEC;
   MMGPT_DYNAMIC_SMEM(float, acc);
   __shared__ float scratch[32];
@@ -218,7 +219,7 @@ __global__ void __launch_bounds__((RowBounds<WARP_ROW, NV * Vec<T>::kWidth>::kMa
 // Backward for rows too long for registers: two passes over the row; the partial sums live in
 // this block's partial row in global memory (each thread owns its columns, so no races).
 template <typename T>
-__global__ void __launch_bounds__(1024) norm_bwd_looped_kernel(const NormBwdParams p, float* dw_part, float* db_part) {
+MMGPT_KERNEL(1024, norm_bwd_looped_kernel, const NormBwdParams p, float* dw_part, float* db_part) {
   constexpr int VEC = Vec<T>::kWidth;
   __shared__ float scratch[32];
   const int n = p.n;
@@ -279,8 +280,8 @@ __global__ void __launch_bounds__(1024) norm_bwd_looped_kernel(const NormBwdPara
 
 // Second stage of the weight/bias gradient: out[c] = sum over the partial rows of column c.
 // A 32 x 8 block: x picks the column (coalesced), y strides over the partial rows.
-__global__ void __launch_bounds__(256) column_sum_kernel(const float* __restrict__ part, int64_t rows, int n,
-                                                         float* __restrict__ out) {
+MMGPT_KERNEL(256, column_sum_kernel, const float* __restrict__ part, int64_t rows, int n,
+             float* __restrict__ out) {
   __shared__ float tile[8][33];
   const int c = blockIdx.x * 32 + threadIdx.x;
   float s = 0.f;
@@ -333,9 +334,9 @@ template <typename T> cudaError_t launch_norm_fwd(const NormFwdParams& p, cudaSt
   const int rows_per_block = plan.warp_row ? plan.threads / 32 : 1;
   const unsigned blocks = static_cast<unsigned>(ceil_div(p.rows, rows_per_block));
   with_nv<T, kFwdMaxElems>(plan.nv, [&](auto nv) {
-    auto kernel = plan.warp_row ? norm_fwd_kernel<T, decltype(nv)::value, true>
-                                : norm_fwd_kernel<T, decltype(nv)::value, false>;
-    MMGPT_LAUNCH(kernel, blocks, plan.threads, 0, stream, p);
+    auto launch = [&](auto kernel) { MMGPT_LAUNCH(kernel, blocks, plan.threads, 0, stream, p); };
+    if (plan.warp_row) launch(norm_fwd_kernel<T, decltype(nv)::value, true>);
+    else launch(norm_fwd_kernel<T, decltype(nv)::value, false>);
   });
   return cudaGetLastError();
 }
@@ -350,10 +351,13 @@ template <typename T> cudaError_t launch_norm_bwd(const NormBwdParams& p, cudaSt
   } else {
     cudaError_t err = cudaSuccess;
     with_nv<T, bwd_max_elems<T>()>(plan.row.nv, [&](auto nv) {
-      auto kernel = plan.row.warp_row ? norm_bwd_kernel<T, decltype(nv)::value, true>
-                                      : norm_bwd_kernel<T, decltype(nv)::value, false>;
-      err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, plan.smem);
-      if (err == cudaSuccess) MMGPT_LAUNCH(kernel, plan.blocks, plan.row.threads, plan.smem, stream, p, dw_part, db_part);
+      auto launch = [&](auto kernel) {
+        err = allow_dynamic_smem(kernel, plan.smem);
+        if (err != cudaSuccess) return;
+        MMGPT_LAUNCH(kernel, plan.blocks, plan.row.threads, plan.smem, stream, p, dw_part, db_part);
+      };
+      if (plan.row.warp_row) launch(norm_bwd_kernel<T, decltype(nv)::value, true>);
+      else launch(norm_bwd_kernel<T, decltype(nv)::value, false>);
     });
     if (err != cudaSuccess) return err;
   }

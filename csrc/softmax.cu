@@ -55,8 +55,8 @@ struct Scorer {
 };
 
 template <typename T, int NV, bool WARP_ROW>
-__global__ void __launch_bounds__((RowBounds<WARP_ROW, NV * Vec<T>::kWidth>::kMaxThreads))
-    softmax_fwd_kernel(const SoftmaxFwdParams p) {
+MMGPT_KERNEL((RowBounds<WARP_ROW, NV * Vec<T>::kWidth>::kMaxThreads), softmax_fwd_kernel,
+             const SoftmaxFwdParams p) {
   constexpr int VEC = Vec<T>::kWidth;
   __shared__ float scratch[32];
   const RowGroup<WARP_ROW> g;
@@ -94,7 +94,7 @@ __global__ void __launch_bounds__((RowBounds<WARP_ROW, NV * Vec<T>::kWidth>::kMa
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kLoopedThreads) softmax_fwd_looped_kernel(const SoftmaxFwdParams p) {
+MMGPT_KERNEL(kLoopedThreads, softmax_fwd_looped_kernel, const SoftmaxFwdParams p) {
   constexpr int VEC = Vec<T>::kWidth;
   __shared__ float scratch[32];
   const int64_t row = blockIdx.x;
@@ -133,8 +133,8 @@ __global__ void __launch_bounds__(kLoopedThreads) softmax_fwd_looped_kernel(cons
 }
 
 template <typename T, int NV, bool WARP_ROW>
-__global__ void __launch_bounds__((RowBounds<WARP_ROW, NV * Vec<T>::kWidth>::kMaxThreads))
-    softmax_bwd_kernel(const SoftmaxBwdParams p) {
+MMGPT_KERNEL((RowBounds<WARP_ROW, NV * Vec<T>::kWidth>::kMaxThreads), softmax_bwd_kernel,
+             const SoftmaxBwdParams p) {
   constexpr int VEC = Vec<T>::kWidth;
   __shared__ float scratch[32];
   const RowGroup<WARP_ROW> g;
@@ -158,7 +158,7 @@ __global__ void __launch_bounds__((RowBounds<WARP_ROW, NV * Vec<T>::kWidth>::kMa
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kLoopedThreads) softmax_bwd_looped_kernel(const SoftmaxBwdParams p) {
+MMGPT_KERNEL(kLoopedThreads, softmax_bwd_looped_kernel, const SoftmaxBwdParams p) {
   constexpr int VEC = Vec<T>::kWidth;
   __shared__ float scratch[32];
   const int64_t off = static_cast<int64_t>(blockIdx.x) * p.n;
@@ -193,9 +193,9 @@ template <typename T> cudaError_t launch_fwd(const SoftmaxFwdParams& p, cudaStre
   }
   const unsigned blocks = static_cast<unsigned>(ceil_div(p.rows, plan.warp_row ? plan.threads / 32 : 1));
   with_nv<T, kMaxElems>(plan.nv, [&](auto nv) {
-    auto kernel = plan.warp_row ? softmax_fwd_kernel<T, decltype(nv)::value, true>
-                                : softmax_fwd_kernel<T, decltype(nv)::value, false>;
-    MMGPT_LAUNCH(kernel, blocks, plan.threads, 0, stream, p);
+    auto launch = [&](auto kernel) { MMGPT_LAUNCH(kernel, blocks, plan.threads, 0, stream, p); };
+    if (plan.warp_row) launch(softmax_fwd_kernel<T, decltype(nv)::value, true>);
+    else launch(softmax_fwd_kernel<T, decltype(nv)::value, false>);
   });
   return cudaGetLastError();
 }
@@ -209,9 +209,9 @@ template <typename T> cudaError_t launch_bwd(const SoftmaxBwdParams& p, cudaStre
   }
   const unsigned blocks = static_cast<unsigned>(ceil_div(p.rows, plan.warp_row ? plan.threads / 32 : 1));
   with_nv<T, kMaxElems>(plan.nv, [&](auto nv) {
-    auto kernel = plan.warp_row ? softmax_bwd_kernel<T, decltype(nv)::value, true>
-                                : softmax_bwd_kernel<T, decltype(nv)::value, false>;
-    MMGPT_LAUNCH(kernel, blocks, plan.threads, 0, stream, p);
+    auto launch = [&](auto kernel) { MMGPT_LAUNCH(kernel, blocks, plan.threads, 0, stream, p); };
+    if (plan.warp_row) launch(softmax_bwd_kernel<T, decltype(nv)::value, true>);
+    else launch(softmax_bwd_kernel<T, decltype(nv)::value, false>);
   });
   return cudaGetLastError();
 }

@@ -1,19 +1,16 @@
-"""The csrc CUDA kernels, run without a GPU: the same .cu sources compiled with the host compiler
-against a CPU emulation of the CUDA features they use (csrc/emulation: one fiber per thread,
-barriers, shuffles, ldmatrix and mma.sync with the PTX ISA's fragment layouts), driven through
-the public ops with backend="cuda" on CPU tensors and compared with the float64 reference,
-forward and backward.
+"""The csrc CUDA kernels, run without a GPU: the same .cu sources compiled for the CPU emulator
+(benchmarks/cuda_emulator.py, csrc/emulation), driven through the public ops with backend="cuda" on
+CPU tensors and compared with the float64 reference, forward and backward.
 
-This checks the kernels' logic (indexing, masks, reductions, tiling, fragment plumbing, the
-launch plans) on every machine; timing and memory-model hazards remain for the GPU tests and
-compute-sanitizer. `EmulatedExtension` stands in for the pybind module (csrc/bindings.cpp) and
-mirrors what it does: allocations, dtype conversions, the alignment flag.
+The emulated device refuses what the GPU of its architecture refuses (launch limits, the opt-in
+shared memory, alignment and memory spaces of ldmatrix / cp.async, warp collectives every lane
+takes part in; tests/ops/test_cuda_emulator_strict.py shows each refusal). Every test runs on an
+sm_90 device; the cases whose launch plan depends on the device (attention tiles, shared-memory
+plans) run on sm_80 and sm_86 as well. This checks the kernels' logic (indexing, masks, reductions,
+tiling, fragment plumbing, the launch plans); timing remains for the GPU tests, and the sanitized
+reruns at the end stand in for compute-sanitizer.
 """
-import concurrent.futures
-import ctypes
-import hashlib
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,283 +18,36 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks import cuda_emulator
 from mmgpt_engine import ops
-from mmgpt_engine.ops import _cuda_build as cfg
-from mmgpt_engine.ops import _dispatch, cuda, reference
+from mmgpt_engine.ops import reference
 from tests.helpers import assert_close_to_truth, check_fwd_bwd
 
 pytestmark = pytest.mark.xdist_group("cuda_emulated")
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
-DTYPE_CODE = {F32: 0, F16: 1, BF16: 2, torch.float64: 3, torch.bool: 4}
-P, I64, I32, F, B = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_bool
-
-
-# MMGPT_EMU_SANITIZE selects a sanitized build, run with the sanitizer's runtime preloaded (as the
-# last tests of this file do), the emulator's stand-ins for compute-sanitizer:
-# - address: the kernels and the runtime under AddressSanitizer and UndefinedBehaviorSanitizer: an
-#   access outside a tensor, a __shared__ array or the dynamic shared memory, or undefined behaviour
-#   such as a signed index overflow, stops the run (memcheck);
-# - thread: the kernels under ThreadSanitizer with every CUDA thread a TSan fiber, ordered only by
-#   barriers and warp collectives (runtime.cpp, MMGPT_EMU_TSAN): a shared-memory access that no
-#   barrier orders against another thread's write is a reported race (racecheck).
-SANITIZE = os.environ.get("MMGPT_EMU_SANITIZE", "")
-_ASAN = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
-_SANITIZE_BUILDS = {  # (kernels, runtime, link)
-    "": ([], [], []),
-    "address": (_ASAN, _ASAN, _ASAN),
-    "thread": (["-fsanitize=thread", "-DMMGPT_EMU_TSAN"], ["-DMMGPT_EMU_TSAN"], ["-fsanitize=thread"]),
-}
-if SANITIZE not in _SANITIZE_BUILDS:
-    raise ValueError(f"MMGPT_EMU_SANITIZE: expected unset, 'address' or 'thread', got {SANITIZE!r}")
-SANITIZE_FLAGS = _SANITIZE_BUILDS[SANITIZE]
-
-
-# ------------------------------------------------------------------------------ the library
-def _build_emulator() -> Path:
-    """Compiles csrc/*.cu + csrc/emulation/runtime.cpp into one shared library, cached by content."""
-    csrc, cuda_home, cxx = cfg.csrc_dir(), cfg.find_cuda_home(), shutil.which("g++") or shutil.which("c++")
-    if csrc is None or cuda_home is None or cxx is None:
-        pytest.skip("needs csrc/, the CUDA headers (a toolkit) and a host C++ compiler")
-    units = [csrc / f for f in cfg.SOURCES if f.endswith(".cu")] + [csrc / "emulation" / "runtime.cpp"]
-    # -O0 for the kernels: their threads are fibers the optimiser cannot see, so it must not keep
-    # `__shared__` values (function statics) in registers or move their accesses across barriers
-    flags = ["-std=c++20", "-fPIC", "-Wall", "-Wno-unknown-pragmas", f"-I{cuda_home}/include", f"-I{csrc}",
-             "-include", str(csrc / "emulation" / "emu.h")]
-    kernel_flags, runtime_flags, link_flags = SANITIZE_FLAGS
-    digest = hashlib.sha256(" ".join(flags[:-1] + ["-O0", "-Bsymbolic", repr(SANITIZE_FLAGS)]).encode())
-    for f in sorted(list(csrc.glob("*")) + list((csrc / "emulation").glob("*"))):
-        if f.is_file():
-            digest.update(f.name.encode() + f.read_bytes())
-    out = cfg.cache_root() / f"emulator-{digest.hexdigest()[:16]}"
-    lib = out / "libmmgpt_emu.so"
-    if lib.is_file():
-        return lib
-    out.mkdir(parents=True, exist_ok=True)
-
-    def compile_unit(unit):
-        obj = out / f"{unit.stem}.{os.getpid()}.o"
-        lang = ["-x", "c++", "-O0", *kernel_flags] if unit.suffix == ".cu" else ["-O2", *runtime_flags]
-        subprocess.run([cxx, *flags, *lang, "-c", str(unit), "-o", str(obj)], check=True, capture_output=True, text=True)
-        return obj
-
-    jobs = int(os.environ.get("MAX_JOBS", "2"))
-    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-        objects = list(pool.map(compile_unit, units))
-    tmp = out / f"libmmgpt_emu.{os.getpid()}.so"
-    # -Bsymbolic: the CUDA runtime stubs bind inside the library, not to the libcudart torch loaded
-    subprocess.run([cxx, "-shared", "-Wl,-Bsymbolic", *link_flags, "-o", str(tmp), *map(str, objects)],
-                   check=True, capture_output=True, text=True)
-    os.replace(tmp, lib)  # atomic: a concurrent build never exposes half a library
-    for obj in objects:
-        obj.unlink()
-    return lib
-
-
-class NormFwdParams(ctypes.Structure):
-    _fields_ = [(n, P) for n in ("x", "residual", "weight", "bias", "y", "h", "mean", "rstd")] + [
-        ("rows", I64), ("n", I32), ("eps", F), ("is_rms", B), ("aligned", B)]
-
-
-class NormBwdParams(ctypes.Structure):
-    _fields_ = [(n, P) for n in ("dy", "dh", "h", "weight", "mean", "rstd", "dx", "dweight", "dbias", "partials")] + [
-        ("rows", I64), ("n", I32), ("is_rms", B), ("aligned", B)]
-
-
-class SoftmaxFwdParams(ctypes.Structure):
-    _fields_ = [("x", P), ("y", P), ("mask", P), ("mask_row_offsets", P), ("mask_col_stride", I64),
-                ("mask_dtype", I32), ("causal_rows", I64), ("rows", I64), ("n", I32), ("scale", F), ("aligned", B)]
-
-
-class SoftmaxBwdParams(ctypes.Structure):
-    _fields_ = [("dy", P), ("y", P), ("dx", P), ("rows", I64), ("n", I32), ("scale", F), ("aligned", B)]
-
-
-class CrossEntropyFwdParams(ctypes.Structure):
-    _fields_ = [("logits", P), ("target", P), ("loss", P), ("lse", P), ("rows", I64), ("vocab", I32),
-                ("ignore_index", I64), ("aligned", B)]
-
-
-class CrossEntropyBwdParams(ctypes.Structure):
-    _fields_ = [("dloss", P), ("logits", P), ("target", P), ("lse", P), ("dlogits", P), ("rows", I64),
-                ("vocab", I32), ("ignore_index", I64), ("aligned", B)]
-
-
-class FlashParams(ctypes.Structure):
-    _fields_ = ([(n, P) for n in ("q", "k", "v", "out", "lse", "dout", "dq", "dk", "dv", "delta")]
-                + [(f"{t}_{s}_stride", I64) for t in ("q", "k", "v", "o", "dk", "do") for s in ("batch", "row", "head")]
-                + [(n, I32) for n in ("batch", "heads", "kv_heads", "seqlen_q", "seqlen_k")]
-                + [("cu_seqlens", P), ("max_seqlen", I32), ("prefix", P), ("causal", B), ("scale", F),
-                   ("head_dim", I32)])
-
-
-STRUCTS = [NormFwdParams, NormBwdParams, SoftmaxFwdParams, SoftmaxBwdParams, CrossEntropyFwdParams,
-           CrossEntropyBwdParams, FlashParams]
-
-
-def _ptr(t):
-    return t.data_ptr() if t is not None and t.numel() > 0 else None
-
-
-def _rows_aligned(n, tensors):
-    tensors = [t for t in tensors if t is not None]
-    return (n * tensors[0].element_size()) % 16 == 0 and all(t.data_ptr() % 16 == 0 for t in tensors)
-
-
-class EmulatedExtension:
-    """The pybind module's functions (csrc/bindings.cpp) over the emulated launchers."""
-
-    def __init__(self, lib):
-        self.lib = lib
-        lib.mmgpt_emu_norm_bwd_workspace.restype = ctypes.c_int64
-        lib.mmgpt_emu_sizeof.restype = ctypes.c_int64
-
-    def _call(self, name, params, dtype):
-        rc = getattr(self.lib, f"mmgpt_emu_{name}")(ctypes.byref(params), DTYPE_CODE[dtype])
-        assert rc == 0, f"{name}: launcher returned cudaError {rc}"
-
-    def norm_fwd(self, x, weight, bias, residual, eps, is_rms):
-        rows, n = x.shape
-        w = weight.float().contiguous() if weight is not None else None
-        b = bias.float().contiguous() if bias is not None else None
-        y, h = torch.empty_like(x), torch.empty_like(x) if residual is not None else x.new_empty(0)
-        mean = x.new_empty(0 if is_rms else rows, dtype=F32)
-        rstd = x.new_empty(rows, dtype=F32)
-        if rows and n:
-            res = residual.contiguous() if residual is not None else None
-            p = NormFwdParams(_ptr(x), _ptr(res), _ptr(w), _ptr(b), _ptr(y), _ptr(h) if res is not None else None,
-                              None if is_rms else _ptr(mean), _ptr(rstd), rows, n, eps, is_rms,
-                              _rows_aligned(n, [x, y, res, h if res is not None else None]))
-            self._call("norm_fwd", p, x.dtype)
-        return y, h, mean, rstd
-
-    def norm_bwd(self, dy, dh, h, weight, bias, mean, rstd, is_rms):
-        rows, n = h.shape
-        dy = dy.to(h.dtype).reshape(rows, n).contiguous()
-        dh = dh.to(h.dtype).reshape(rows, n).contiguous() if dh.numel() else None
-        w = weight.float().contiguous() if weight is not None else None
-        dw = torch.zeros(n, dtype=F32) if weight is not None else None
-        db = torch.zeros(n, dtype=F32) if bias is not None else None
-        dx = torch.empty_like(h)
-        if rows and n:
-            p = NormBwdParams(_ptr(dy), _ptr(dh), _ptr(h), _ptr(w), None if is_rms else _ptr(mean), _ptr(rstd),
-                              _ptr(dx), _ptr(dw), _ptr(db), None, rows, n, is_rms, _rows_aligned(n, [h, dy, dx, dh]))
-            work = torch.empty(max(1, self.lib.mmgpt_emu_norm_bwd_workspace(ctypes.byref(p), DTYPE_CODE[h.dtype])),
-                               dtype=F32)
-            p.partials = work.data_ptr()
-            self._call("norm_bwd", p, h.dtype)
-        return (dx, dw.to(weight.dtype) if weight is not None else h.new_empty(0),
-                db.to(bias.dtype) if bias is not None else h.new_empty(0))
-
-    def softmax_fwd(self, x, scale, mask, mask_row_offsets, mask_col_stride, causal_rows):
-        rows, n = x.shape
-        y = torch.empty_like(x)
-        if rows and n:
-            offsets = mask_row_offsets.to(torch.int64).contiguous() if mask is not None else None
-            p = SoftmaxFwdParams(_ptr(x), _ptr(y), mask.data_ptr() if mask is not None else None, _ptr(offsets),
-                                 mask_col_stride, DTYPE_CODE[mask.dtype] if mask is not None else 0, causal_rows,
-                                 rows, n, scale, _rows_aligned(n, [x, y]))
-            self._call("softmax_fwd", p, x.dtype)
-        return y
-
-    def softmax_bwd(self, dy, y, scale):
-        dy, dx = dy.to(y.dtype).reshape(y.shape).contiguous(), torch.empty_like(y)
-        if y.numel():
-            p = SoftmaxBwdParams(_ptr(dy), _ptr(y), _ptr(dx), y.shape[0], y.shape[1], scale,
-                                 _rows_aligned(y.shape[1], [dy, y, dx]))
-            self._call("softmax_bwd", p, y.dtype)
-        return dx
-
-    def cross_entropy_fwd(self, logits, target, ignore_index):
-        rows, v = logits.shape
-        target = target.to(torch.int64).contiguous()
-        loss, lse = logits.new_empty(rows, dtype=F32), logits.new_empty(rows, dtype=F32)
-        if rows:
-            p = CrossEntropyFwdParams(_ptr(logits), _ptr(target), _ptr(loss), _ptr(lse), rows, v, ignore_index,
-                                      _rows_aligned(v, [logits]))
-            self._call("cross_entropy_fwd", p, logits.dtype)
-        return loss, lse
-
-    def cross_entropy_bwd(self, dloss, logits, target, lse, ignore_index):
-        rows, v = logits.shape
-        dloss, target = dloss.float().contiguous(), target.to(torch.int64).contiguous()
-        lse, dlogits = lse.float().contiguous(), torch.empty_like(logits)
-        if logits.numel():
-            p = CrossEntropyBwdParams(_ptr(dloss), _ptr(logits), _ptr(target), _ptr(lse), _ptr(dlogits), rows, v,
-                                      ignore_index, _rows_aligned(v, [logits, dlogits]))
-            self._call("cross_entropy_bwd", p, logits.dtype)
-        return dlogits
-
-    @staticmethod
-    def _operand(t):
-        ok = t.stride(3) == 1 and t.data_ptr() % 16 == 0 and all(t.stride(d) % 8 == 0 or t.shape[d] == 1
-                                                                 for d in range(3))
-        return t if ok else t.clone(memory_format=torch.contiguous_format)
-
-    def _flash_params(self, q, k, v, cu_seqlens, max_seqlen, prefix, causal, scale):
-        b, s_q, h, d = q.shape
-        p = FlashParams(q=_ptr(q), k=_ptr(k), v=_ptr(v), batch=b, heads=h, kv_heads=k.shape[2], seqlen_q=s_q,
-                        seqlen_k=k.shape[1], causal=causal, scale=scale, head_dim=d)
-        for name, t in (("q", q), ("k", k), ("v", v)):
-            for i, s in enumerate(("batch", "row", "head")):
-                setattr(p, f"{name}_{s}_stride", t.stride(i))
-        keep = []
-        if cu_seqlens is not None:
-            cu = cu_seqlens.contiguous()
-            keep.append(cu)
-            p.cu_seqlens, p.batch = cu.data_ptr(), cu.numel() - 1
-            p.max_seqlen = max_seqlen if max_seqlen is not None else int((cu[1:] - cu[:-1]).max())
-        if prefix is not None:
-            pre = prefix.to(torch.int32).contiguous()
-            keep.append(pre)
-            p.prefix = pre.data_ptr()
-        return p, keep
-
-    def flash_attn_fwd(self, q, k, v, cu_seqlens, max_seqlen, prefix, causal, scale):
-        q, k, v = (self._operand(t) for t in (q, k, v))
-        out = torch.empty(q.shape, dtype=q.dtype)
-        lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=F32)
-        if out.numel():
-            p, _keep = self._flash_params(q, k, v, cu_seqlens, max_seqlen, prefix, causal, scale)
-            p.out, p.lse = out.data_ptr(), lse.data_ptr()
-            p.o_batch_stride, p.o_row_stride, p.o_head_stride = out.stride()[:3]
-            self._call("flash_attn_fwd", p, q.dtype)
-        return out, lse
-
-    def flash_attn_bwd(self, dout, q, k, v, out, lse, cu_seqlens, max_seqlen, prefix, causal, scale):
-        q, k, v = (self._operand(t) for t in (q, k, v))
-        out, dout = self._operand(out).contiguous(), self._operand(dout.to(q.dtype))
-        lse = lse.contiguous()
-        dq, dk, dv = torch.empty(q.shape, dtype=q.dtype), torch.empty(k.shape, dtype=q.dtype), torch.empty(
-            v.shape, dtype=q.dtype)
-        if dq.numel() or dk.numel():
-            delta = torch.empty_like(lse)
-            p, _keep = self._flash_params(q, k, v, cu_seqlens, max_seqlen, prefix, causal, scale)
-            p.out, p.lse, p.dout, p.dq, p.dk, p.dv, p.delta = map(_ptr, (out, lse, dout, dq, dk, dv, delta))
-            p.o_batch_stride, p.o_row_stride, p.o_head_stride = dq.stride()[:3]
-            p.do_batch_stride, p.do_row_stride, p.do_head_stride = dout.stride()[:3]
-            p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride = dk.stride()[:3]
-            self._call("flash_attn_bwd", p, q.dtype)
-        return dq, dk, dv
+ARCHS = ("sm_80", "sm_86", "sm_90")  # A100 (163 KB opt-in), RTX 3090 / 4090 class (99 KB), H100 (227 KB)
 
 
 @pytest.fixture(scope="module")
 def emulator():
-    lib = ctypes.CDLL(str(_build_emulator()))
-    ext = EmulatedExtension(lib)
-    for i, struct in enumerate(STRUCTS):
-        assert lib.mmgpt_emu_sizeof(i) == ctypes.sizeof(struct), f"{struct.__name__}: layout differs from launchers.h"
-    return ext
+    try:
+        return cuda_emulator.EmulatedExtension(cuda_emulator.build())
+    except cuda_emulator.EmulatorUnavailable as e:
+        pytest.skip(str(e))
 
 
 @pytest.fixture
-def emulated_cuda(emulator, monkeypatch):
-    """backend="cuda" runs the emulated kernels on CPU tensors, through the real ops and launchers."""
-    real = _dispatch.unavailable_reason
-    monkeypatch.setattr(_dispatch, "unavailable_reason",
-                        lambda backend, device=None: None if backend == "cuda" else real(backend, device))
-    monkeypatch.setattr(cuda, "extension", lambda: emulator)
-    emulator.lib.mmgpt_emu_set_device(4, 227 * 1024)  # an H100's shared memory, 4 SMs
-    return emulator
+def arch():
+    """The emulated architecture; tests parametrize it to run on several."""
+    return "sm_90"
+
+
+@pytest.fixture
+def emulated_cuda(emulator, arch):
+    """backend="cuda" runs the emulated kernels on CPU tensors, on an `arch` device with 4 SMs."""
+    emulator.use_device(arch)
+    with cuda_emulator.emulated_cuda(emulator):
+        yield emulator
 
 
 # ------------------------------------------------------------------------------------- norms
@@ -314,23 +64,34 @@ def test_norms(emulated_cuda, kind, shape, dtype, unaligned):
     w, b = 1 + 0.5 * torch.randn(n), torch.randn(n)
     if kind == "layer":
         check_fwd_bwd(lambda x, r, w, b: ops.layer_norm(x, w, b, residual=r, backend="cuda"),
-              lambda x, r, w, b: reference.layer_norm(x, w, b, 1e-5, residual=r), [x, r, w, b], dtype,
-              unaligned=unaligned)
+                      lambda x, r, w, b: reference.layer_norm(x, w, b, 1e-5, residual=r), [x, r, w, b], dtype,
+                      unaligned=unaligned)
     else:
         check_fwd_bwd(lambda x, r, w: ops.rms_norm(x, w, residual=r, backend="cuda"),
-              lambda x, r, w: reference.rms_norm(x, w, 1e-6, residual=r), [x, r, w], dtype, unaligned=unaligned)
+                      lambda x, r, w: reference.rms_norm(x, w, 1e-6, residual=r), [x, r, w], dtype,
+                      unaligned=unaligned)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_norm_backward_keeps_partial_sums_in_opted_in_shared_memory(emulated_cuda, arch):
+    """8192 float32 columns, weight and bias: 64 KB of partial sums per block, above the 48 KB default,
+    so the backward opts in (every arch has room) instead of taking the looped path."""
+    x, w, b = torch.randn(2, 8192), torch.randn(8192), torch.randn(8192)
+    check_fwd_bwd(lambda x, w, b: ops.layer_norm(x, w, b, backend="cuda"),
+                  lambda x, w, b: reference.layer_norm(x, w, b), [x, w, b], F32)
+    assert emulated_cuda.calls(f"launch with {2 * 8192 * 4} B") >= 1
 
 
 def test_norm_backward_without_room_for_shared_partials_takes_the_looped_path(emulated_cuda):
-    emulated_cuda.lib.mmgpt_emu_set_device(3, 8 * 1024)  # too little shared memory for the partial sums
+    emulated_cuda.use_device("sm_90", sm_count=3, smem_optin=8 * 1024)  # too little for the partial sums
     x, w, b = torch.randn(6, 2048), torch.randn(2048), torch.randn(2048)
-    check_fwd_bwd(lambda x, w, b: ops.layer_norm(x, w, b, backend="cuda"), lambda x, w, b: reference.layer_norm(x, w, b),
-          [x, w, b], BF16)
+    check_fwd_bwd(lambda x, w, b: ops.layer_norm(x, w, b, backend="cuda"),
+                  lambda x, w, b: reference.layer_norm(x, w, b), [x, w, b], BF16)
 
 
 def test_norm_without_affine_params(emulated_cuda):
     check_fwd_bwd(lambda x: ops.layer_norm(x, None, None, backend="cuda"), lambda x: reference.layer_norm(x),
-          [torch.randn(9, 33)], F32)
+                  [torch.randn(9, 33)], F32)
 
 
 # ----------------------------------------------------------------------------------- softmax
@@ -345,14 +106,14 @@ def test_softmax(emulated_cuda, shape, dtype, mask, causal):
     m = {"bool": torch.rand(n) > 0.3, "float64": torch.randn(n).double(),
          "half": torch.randn(shape[-2], 1, n).half().squeeze(1) if len(shape) > 2 else None}[mask]
     check_fwd_bwd(lambda x: ops.softmax(x, scale=0.7, mask=m, causal=causal, backend="cuda"),
-          lambda x: reference.softmax(x, 0.7, m, causal), [torch.randn(shape)], dtype)
+                  lambda x: reference.softmax(x, 0.7, m, causal), [torch.randn(shape)], dtype)
 
 
 def test_softmax_fully_masked_rows_are_zero(emulated_cuda):
     mask = torch.rand(4, 9) > 0.5
     mask[1] = False
     check_fwd_bwd(lambda x: ops.softmax(x, mask=mask, backend="cuda"), lambda x: reference.softmax(x, 1.0, mask),
-          [torch.randn(4, 9)], F32, unaligned=True)
+                  [torch.randn(4, 9)], F32, unaligned=True)
 
 
 # ----------------------------------------------------------------------------- cross-entropy
@@ -361,22 +122,25 @@ def test_cross_entropy(emulated_cuda, rows, v, dtype):
     target = torch.randint(0, v, (rows,))
     target[0] = -100
     check_fwd_bwd(lambda x: ops.cross_entropy(x, target, reduction="none", backend="cuda"),
-          lambda x: reference.cross_entropy(x, target, reduction="none").float(), [4 * torch.randn(rows, v)], dtype)
+                  lambda x: reference.cross_entropy(x, target, reduction="none").float(), [4 * torch.randn(rows, v)],
+                  dtype)
 
 
-def test_cross_entropy_out_of_range_target_is_nan(emulated_cuda):
-    loss = ops.cross_entropy(torch.randn(3, 5), torch.tensor([1, 5, -1]), reduction="none", backend="cuda")
-    assert torch.isfinite(loss[0]) and torch.isnan(loss[1:]).all()
+def test_cross_entropy_kernel_gives_nan_for_an_out_of_range_target(emulated_cuda):
+    """The launcher's contract (ops.cross_entropy refuses such targets before they get here)."""
+    loss, lse = emulated_cuda.cross_entropy_fwd(torch.randn(3, 5), torch.tensor([1, 5, -1]), -100)
+    assert torch.isfinite(loss[0]) and torch.isnan(loss[1:]).all() and torch.isfinite(lse).all()
 
 
 # ----------------------------------------------------------------------------- attention
 def _attention_case(b, s_q, s_k, h, h_kv, d, dtype, **kwargs):
     q, k, v = torch.randn(b, s_q, h, d), torch.randn(b, s_k, h_kv, d), torch.randn(b, s_k, h_kv, d)
     check_fwd_bwd(lambda q, k, v: ops.flash_attention(q, k, v, return_lse=True, backend="cuda", **kwargs),
-          lambda q, k, v: reference.flash_attention(q, k, v, return_lse=True, **kwargs), [q, k, v], dtype,
-          n_grad_outputs=1)  # lse carries no gradient
+                  lambda q, k, v: reference.flash_attention(q, k, v, return_lse=True, **kwargs), [q, k, v], dtype,
+                  n_grad_outputs=1)  # lse carries no gradient
 
 
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("s_q,s_k,d,dtype,kwargs", [
     (70, 70, 64, F16, {}),                                  # a partial query and key block
     (40, 100, 128, BF16, {"causal": True}),                 # bottom-right causal, more keys
@@ -385,7 +149,7 @@ def _attention_case(b, s_q, s_k, h, h_kv, d, dtype, **kwargs):
     (30, 80, 64, F16, {"prefix_len": 50, "softmax_scale": 0.3}),
     (65, 130, 128, F16, {"causal": False}),
 ], ids=str)
-def test_flash_attention(emulated_cuda, s_q, s_k, d, dtype, kwargs):
+def test_flash_attention(emulated_cuda, arch, s_q, s_k, d, dtype, kwargs):
     _attention_case(1, s_q, s_k, 2, 1, d, dtype, **kwargs)
 
 
@@ -419,45 +183,108 @@ def test_flash_attention_no_keys(emulated_cuda):
     assert torch.all(out == 0) and torch.all(torch.isneginf(lse))
 
 
+def test_flash_attention_backward_without_queries_gives_zero_key_gradients(emulated_cuda):
+    """seqlen_q = 0, seqlen_k > 0: the dK/dV blocks have no query block; they write zeros and exit
+    with no cp.async in flight (the emulator refuses a thread that exits before waiting for its copies)."""
+    q, k, v = torch.randn(1, 0, 2, 64).half(), torch.randn(1, 70, 2, 64).half(), torch.randn(1, 70, 2, 64).half()
+    out, lse = emulated_cuda.flash_attn_fwd(q, k, v, None, None, None, False, 0.125)
+    dq, dk, dv = emulated_cuda.flash_attn_bwd(torch.empty_like(out), q, k, v, out, lse, None, None, None, False, 0.125)
+    assert dq.shape == q.shape and torch.all(dk == 0) and torch.all(dv == 0)
+
+
+def _dq_launches(ext, d, keys):
+    """Launches with the dynamic shared memory of the dQ kernel at head dim d with `keys` per block."""
+    return ext.calls(f"launch with {(2 * 64 + 4 * keys) * (d + 8) * 2} B")
+
+
+@pytest.mark.parametrize("arch,keys", [("sm_80", 64), ("sm_86", 32), ("sm_90", 64)])
+def test_dq_tiles_follow_the_devices_shared_memory(emulated_cuda, arch, keys):
+    """Head dim 128: the 64-key dQ tiles take 104,448 B, more than the 101,376 B an sm_86 block may
+    opt in to, so that card gets 32-key tiles (69,632 B); sm_80 and sm_90 keep 64."""
+    before = {n: _dq_launches(emulated_cuda, 128, n) for n in (32, 64)}
+    _attention_case(1, 70, 70, 2, 2, 128, F16, causal=True)
+    after = {n: _dq_launches(emulated_cuda, 128, n) for n in (32, 64)}
+    assert after[keys] > before[keys] and after[96 - keys] == before[96 - keys], (arch, before, after)
+
+
+def test_launchers_query_each_device_once_and_opt_each_kernel_in_once(emulated_cuda):
+    """Head dim 128 forward + backward: the dQ launcher reads the device's SM count and opt-in shared
+    memory, and the forward, dK/dV and dQ kernels opt in to theirs, on the first run on a device only."""
+    def asked():
+        return emulated_cuda.calls("cudaDeviceGetAttribute"), emulated_cuda.calls("cudaFuncSetAttribute")
+
+    for sm_count in (7, 9):  # devices no other test uses
+        emulated_cuda.use_device("sm_86", sm_count=sm_count)
+        deltas = []
+        for _ in range(3):
+            start = asked()
+            _attention_case(1, 70, 70, 2, 2, 128, BF16, causal=True)
+            deltas.append(tuple(a - b for a, b in zip(asked(), start)))
+        assert deltas == [(2, 3), (0, 0), (0, 0)], (sm_count, deltas)
+
+
+class _PackedAttention(torch.autograd.Function):
+    """The emulated extension's forward and backward on a packed batch that may hold empty sequences
+    (which the public op refuses, and the kernels' contract takes)."""
+
+    @staticmethod
+    def forward(ctx, ext, cu, max_seqlen, q, k, v):
+        out, lse = ext.flash_attn_fwd(q, k, v, cu, max_seqlen, None, True, q.shape[-1] ** -0.5)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.ext, ctx.cu, ctx.max_seqlen = ext, cu, max_seqlen
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, out, lse = ctx.saved_tensors
+        grads = ctx.ext.flash_attn_bwd(dout.contiguous(), q, k, v, out, lse, ctx.cu, ctx.max_seqlen, None, True,
+                                       q.shape[-1] ** -0.5)
+        return (None, None, None) + tuple(grads)
+
+
+def test_flash_attention_over_70000_packed_sequences(emulated_cuda):
+    """grid.z counts the sequences and stops at 65,535 on every GPU: 70,000 sequences launch in slices.
+    The emulator refuses a larger grid.z and runs every block, so most sequences are empty (cheap
+    blocks) and the rest sit at both ends of each slice, compared with the float64 reference,
+    forward and backward."""
+    n = 70_000
+    lengths = torch.zeros(n, dtype=torch.int32)
+    at = [0, 1, 65_533, 65_534, 65_535, 65_536, 69_999]
+    lengths[at] = torch.tensor([3, 1, 5, 2, 4, 6, 2], dtype=torch.int32)
+    cu = torch.zeros(n + 1, dtype=torch.int32)
+    cu[1:] = lengths.cumsum(0)
+    cu_nonempty = torch.cat([torch.zeros(1, dtype=torch.int32), lengths[at].cumsum(0).int()])
+    total = int(cu[-1])
+    q, k, v = torch.randn(1, total, 2, 64), torch.randn(1, total, 1, 64), torch.randn(1, total, 1, 64)
+    launches = emulated_cuda.calls("launch")
+    check_fwd_bwd(lambda q, k, v: _PackedAttention.apply(emulated_cuda, cu, 6, q, k, v),
+                  lambda q, k, v: reference.flash_attention(q, k, v, causal=True, cu_seqlens=cu_nonempty,
+                                                            return_lse=True),
+                  [q, k, v], F16, n_grad_outputs=1)
+    assert emulated_cuda.calls("launch") - launches == 7  # forward, dK/dV and dQ in two slices each; delta once
+
+
 # ------------------------------------------------------------------------------- under sanitizers
-def _runtime_library(name):
-    cxx = shutil.which("g++")
-    if cxx is None:
-        return None
-    path = subprocess.run([cxx, f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
-    return path if os.path.isabs(path) and os.path.exists(path) else None
-
-
-# runtime library, environment ({log}: the report path), what a report starts with
-SANITIZER_RUNS = {
-    "address": ("libasan.so", {"ASAN_OPTIONS": "detect_leaks=0:log_path={log}", "UBSAN_OPTIONS": "print_stacktrace=1"},
-                ("ERROR:", "runtime error")),
-    # one torch thread: libgomp's own synchronisation is invisible to TSan and would be reported
-    "thread": ("libtsan.so", {"TSAN_OPTIONS": "log_path={log}:report_signal_unsafe=0", "OMP_NUM_THREADS": "1"},
-               ("WARNING: ThreadSanitizer",)),
-}
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", [pytest.param("address", marks=pytest.mark.xdist_group("cuda_emulated_asan")),
                                   pytest.param("thread", marks=pytest.mark.xdist_group("cuda_emulated_tsan"))])
 def test_every_kernel_under_a_sanitizer(mode, tmp_path):
-    """Every test above again, on kernels built for a sanitizer (MMGPT_EMU_SANITIZE, see the top of
-    this file). address: no access outside a tensor, a __shared__ array or the dynamic shared memory,
-    no undefined behaviour. thread: no shared-memory access unordered by a barrier against another
-    thread's write (a missing __syncthreads, even one the emulator's fixed schedule would forgive)."""
-    runtime, options, markers = SANITIZER_RUNS[mode]
-    preload, stdcxx = _runtime_library(runtime), _runtime_library("libstdc++.so.6")
-    if preload is None or stdcxx is None:
-        pytest.skip(f"g++'s {runtime} is not installed")
+    """Every test above again (but the 70,000-sequence one, for time), on kernels built for a sanitizer
+    (benchmarks.cuda_emulator.SANITIZE_BUILDS). address: no access outside a tensor, a __shared__
+    array or the dynamic shared memory, no undefined behaviour. thread: no shared-memory access
+    unordered by a barrier against another thread's write (a missing __syncthreads, even one the
+    emulator's fixed schedule would forgive)."""
+    try:
+        sanitizer = cuda_emulator.sanitizer_env(mode, tmp_path / "report")
+    except cuda_emulator.EmulatorUnavailable as e:
+        pytest.skip(str(e))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_", "COV_"))}
-    # libstdc++ loaded with the sanitizer's runtime, so its exception interceptor finds its target
-    env.update({k: v.format(log=tmp_path / "report") for k, v in options.items()},
-               MMGPT_EMU_SANITIZE=mode, LD_PRELOAD=f"{preload} {stdcxx}", TRITON_INTERPRET="1")
+    env.update(sanitizer, TRITON_INTERPRET="1")
     proc = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider",
-                           "-k", "not under_a_sanitizer"], cwd=Path(__file__).resolve().parents[2], env=env,
-                          capture_output=True, text=True, timeout=1800)
+                           "-k", "not under_a_sanitizer and not 70000"], cwd=Path(__file__).resolve().parents[2],
+                          env=env, capture_output=True, text=True, timeout=1800)
     reports = "".join(p.read_text() for p in tmp_path.glob("report*"))
-    found = [marker for marker in markers if marker in reports]
+    found = [marker for marker in cuda_emulator.SANITIZER_RUNS[mode][2] if marker in reports]
     assert proc.returncode == 0 and not found, f"{reports[-8000:]}\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
     assert " passed" in proc.stdout and " failed" not in proc.stdout, proc.stdout[-2000:]
