@@ -59,10 +59,10 @@ gpu-check:
 	@if [ -z "$(SANITIZER)" ]; then echo "compute-sanitizer: not found in $(CUDA_HOME) or on PATH; sanitizers skipped" \
 	  | tee $(OUT)/sanitize-memcheck.log $(OUT)/sanitize-racecheck.log; fi
 	if [ -n "$(SANITIZER)" ]; then PYTORCH_NO_CUDA_MEMORY_CACHING=1 $(SANITIZER) --tool memcheck --error-exitcode 1 \
-	  python3 -m mmgpt_engine.ops.cuda_sanitize 2>&1 | tee $(OUT)/sanitize-memcheck.log; \
+	  python3 -m benchmarks.cuda_sanitize 2>&1 | tee $(OUT)/sanitize-memcheck.log; \
 	  echo "memcheck exit: $${PIPESTATUS[0]}" | tee -a $(OUT)/sanitize-memcheck.log; fi
 	if [ -n "$(SANITIZER)" ]; then $(SANITIZER) --tool racecheck --error-exitcode 1 \
-	  python3 -m mmgpt_engine.ops.cuda_sanitize norms attention 2>&1 | tee $(OUT)/sanitize-racecheck.log; \
+	  python3 -m benchmarks.cuda_sanitize norms attention 2>&1 | tee $(OUT)/sanitize-racecheck.log; \
 	  echo "racecheck exit: $${PIPESTATUS[0]}" | tee -a $(OUT)/sanitize-racecheck.log; fi
 	python3 -m benchmarks --quick --out $(OUT) 2>&1 | tee $(OUT)/bench.log
 

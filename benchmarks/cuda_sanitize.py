@@ -1,16 +1,16 @@
 """Small runs of every csrc kernel path, for NVIDIA compute-sanitizer (`make gpu-check`):
 
-    compute-sanitizer --tool memcheck  --error-exitcode 1 python3 -m mmgpt_engine.ops.cuda_sanitize
-    compute-sanitizer --tool racecheck --error-exitcode 1 python3 -m mmgpt_engine.ops.cuda_sanitize
+    compute-sanitizer --tool memcheck  --error-exitcode 1 python3 -m benchmarks.cuda_sanitize
+    compute-sanitizer --tool racecheck --error-exitcode 1 python3 -m benchmarks.cuda_sanitize norms attention
 
 Each case runs forward and backward on the cuda backend with shapes chosen to hit every kernel
 variant (warp-per-row / block-per-row / looped rows, aligned and unaligned rows, partial tiles,
-causal, prefix-LM, varlen, GQA, both head dims) while staying small, since the sanitizers slow
-kernels down by orders of magnitude. The results are also compared with the float64 reference
-(loosely: this is a smoke check, the tests are the accuracy check), and the exit status is 1
-when a case fails, so a wrong result is not mistaken for a clean run. PyTorch's caching
-allocator is turned off (PYTORCH_NO_CUDA_MEMORY_CACHING=1) so that memcheck sees every tensor's
-exact bounds.
+causal, prefix-LM, varlen, GQA, both head dims; a batch of 70,000 sequences, launched in slices)
+while staying small, since the sanitizers slow kernels down by orders of magnitude. The results
+are also compared with the float64 reference (loosely: this is a smoke check, the tests are the
+accuracy check), and the exit status is 1 when a case fails, so a wrong result is not mistaken
+for a clean run. PyTorch's caching allocator is turned off (PYTORCH_NO_CUDA_MEMORY_CACHING=1) so
+that memcheck sees every tensor's exact bounds.
 """
 from __future__ import annotations
 
@@ -21,11 +21,8 @@ import traceback
 
 import torch
 
-from . import cuda, reference
-from .attention import flash_attention
-from .cross_entropy import cross_entropy
-from .norms import layer_norm, rms_norm
-from .softmax import softmax
+from mmgpt_engine.ops import cross_entropy, flash_attention, layer_norm, reference, rms_norm, softmax
+from mmgpt_engine.ops import cuda
 
 DEV = "cuda"
 TOL = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 8e-2}
@@ -160,12 +157,26 @@ def attention_cases():
     yield "flash_attention varlen + prefix + GQA", fn, ref, inputs, torch.bfloat16
 
 
+def large_grid_cases():
+    """70,000 sequences: more than the 65,535 blocks a grid may have along z, so the attention kernels
+    launch in slices (racecheck would take long over 210,000 blocks: memcheck only)."""
+    b, s, d = 70_000, 3, 64
+
+    def fn(q, k, v):
+        return flash_attention(q, k, v, causal=True, return_lse=True, backend="cuda")
+
+    def ref(q, k, v):
+        return reference.flash_attention(q, k, v, causal=True, return_lse=True)
+    inputs = [torch.randn(b, s, h, d, device=DEV) for h in (2, 1, 1)]
+    yield f"flash_attention {(b, s, s, 2, 1, d)} bfloat16 causal", fn, ref, inputs, torch.bfloat16
+
+
 GROUPS = {"norms": norm_cases, "softmax": softmax_cases, "cross_entropy": cross_entropy_cases,
-          "attention": attention_cases}
+          "attention": attention_cases, "large_grid": large_grid_cases}
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mmgpt_engine.ops.cuda_sanitize", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.cuda_sanitize", description=__doc__.split("\n")[0])
     parser.add_argument("groups", nargs="*", help=f"which kernels to run (default: all of {list(GROUPS)})")
     args = parser.parse_args(argv)
     unknown = [g for g in args.groups if g not in GROUPS]
