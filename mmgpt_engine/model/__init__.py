@@ -1,4 +1,6 @@
-"""The multimodal GPT: `ModelConfig` (sizes, presets), the vision encoder and `MultimodalGPT`."""
+"""The multimodal GPT: `ModelConfig` (sizes, presets), the text blocks (blocks.py; llama.py), the vision
+encoders (vision.py; clip.py, siglip.py), connectors, `MultimodalGPT`, and its files (hub.py: ours;
+hf.py: Hugging Face GPT-2, Llama, Mistral, Qwen2, CLIP and SigLIP)."""
 from .config import PRESETS, ModelConfig
 
 __all__ = ["PRESETS", "ModelConfig", "MultimodalGPT", "ModelOutput"]

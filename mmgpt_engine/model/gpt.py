@@ -2,10 +2,13 @@
 
     model = MultimodalGPT(ModelConfig.from_preset("tiny"))
     out = model(input_ids, images=images, labels=labels)      # out.loss, out.logits (text positions)
+    model = MultimodalGPT.from_pretrained_towers("checkpoints/SmolLM2-135M", "checkpoints/siglip-base-patch16-224")
 
 Sequence: [image tokens (P) | text tokens (T)]. The image tokens see each other both ways, the text
 sees the whole image and earlier text (`ops.flash_attention(..., prefix_len=P)`); no image token
-ever sees text. Without images the model is a plain causal GPT (GPT-2 exactly, see `from_hf_gpt2`).
+ever sees text. Without images the model is a plain causal LM (GPT-2, Llama, Mistral or Qwen2
+exactly: `from_hf_gpt2`, `from_pretrained_towers`). Where the image tokens sit is decided in `embed`
+alone (its `_Layout`), so they can move inside the text later without touching the blocks.
 
 Labels follow Hugging Face: aligned with input_ids, ops.IGNORE_INDEX (-100) = not scored; the model shifts them
 (the logits at text position t are scored against labels[t + 1]). Image positions have no logits
@@ -18,6 +21,7 @@ attention stays within the sample and no sample's last token is scored against t
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Optional
 
@@ -30,6 +34,11 @@ from .. import ops
 from .blocks import Block, Norm, init_weights, rope_tables
 from .config import ModelConfig
 from .vision import VisionEncoder
+
+
+# a sliding window (Mistral) runs in ops.flash_attention where it takes one, else only sequences
+# that fit the window (where it changes nothing) are accepted
+OPS_HAS_WINDOW = "window_size" in inspect.signature(ops.flash_attention).parameters
 
 
 @dataclass
@@ -55,22 +64,23 @@ class MultimodalGPT(nn.Module):
         if not isinstance(config, ModelConfig):
             raise TypeError(f"config: expected a ModelConfig, got {type(config).__name__}")
         c = self.config = config
-        self.vision = VisionEncoder(c)
+        self.vision = VisionEncoder(c) if c.vision_type != "none" else None
         self.wte = nn.Embedding(c.vocab_size, c.n_embd)
         self.wpe = nn.Embedding(c.max_seq_len, c.n_embd) if c.pos_embedding == "learned" else None
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(
             Block(c.n_embd, c.n_head, c.n_kv_head, c.mlp_hidden, norm=c.norm, eps=c.norm_eps, bias=c.bias,
-                  dropout=c.dropout)
+                  dropout=c.dropout, qkv_bias=c.qkv_bias, mlp="swiglu" if c.text_block == "llama" else "gelu_tanh")
             for _ in range(c.n_layer)
         )
         self.norm_f = Norm(c.n_embd, c.norm, c.norm_eps)
         self.lm_head = None if c.tie_embeddings else nn.Linear(c.n_embd, c.vocab_size, bias=False)
         init_weights(self, c.init_std, c.n_layer)
-        init_weights(self.vision, c.init_std, max(c.vision_layers, 1))
-        if self.vision.config.vision_type == "vit":
-            nn.init.normal_(self.vision.pos_embed, std=c.init_std)
+        if self.vision is not None:
+            self.vision.reset_parameters()
         self.gradient_checkpointing = c.gradient_checkpointing
+        # a pretrained vision tower's preprocessor_config.json (hf.py), saved with the model
+        self.image_processor_config: Optional[dict] = None
         self.set_backend(backend)
 
     # ------------------------------------------------------------------------- settings
@@ -106,7 +116,7 @@ class MultimodalGPT(nn.Module):
 
     def flops_per_token(self, text_len: Optional[int] = None, with_image: bool = True) -> float:
         """Training FLOPs per text token, image encoder amortised (formula: `ModelConfig` docstring)."""
-        return self.config.flops_per_token(text_len, with_image)
+        return self.config.flops_per_token(text_len, with_image and self.vision is not None)
 
     # ------------------------------------------------------------------------- forward
     def forward(self, input_ids: Tensor, images: Optional[Tensor] = None, labels: Optional[Tensor] = None,
@@ -119,19 +129,25 @@ class MultimodalGPT(nn.Module):
             y_text = y[0, layout.text_index].unsqueeze(0)
         else:
             y_text = y[:, layout.n_prefix:]
-        logits = self.logits(y_text)
-        loss = None
-        if labels is not None:
-            # shift the (small, integer) labels rather than the logits, so the loss reads the logits
-            # in place: target[t] = labels[t + 1]; the last position of every sample scores nothing
-            target = F.pad(labels[:, 1:], (0, 1), value=ops.IGNORE_INDEX)
-            if cu_seqlens is not None:
-                target[0, cu_seqlens[1:].long() - 1] = ops.IGNORE_INDEX
-            loss = ops.cross_entropy(logits, target, ignore_index=ops.IGNORE_INDEX, backend=self._backend)
+        if labels is None:
+            return ModelOutput(loss=None, logits=self.logits(y_text))
+        loss, logits = self.loss_from_hidden(y_text, labels, cu_seqlens)
         return ModelOutput(loss=loss, logits=logits)
 
     def logits(self, y: Tensor) -> Tensor:
         return F.linear(y, self.wte.weight) if self.lm_head is None else self.lm_head(y)
+
+    def loss_from_hidden(self, hidden: Tensor, labels: Tensor, cu_seqlens: Optional[Tensor] = None):
+        """(mean cross-entropy, logits) of the text positions' final hidden states (B, T, d): the
+        one place where the LM head meets the loss, so a fused head + cross-entropy can replace both."""
+        # shift the (small, integer) labels rather than the logits, so the loss reads the logits
+        # in place: target[t] = labels[t + 1]; the last position of every sample scores nothing
+        target = F.pad(labels[:, 1:], (0, 1), value=ops.IGNORE_INDEX)
+        if cu_seqlens is not None:
+            target[0, cu_seqlens[1:].long() - 1] = ops.IGNORE_INDEX
+        logits = self.logits(hidden)
+        loss = ops.cross_entropy(logits, target, ignore_index=ops.IGNORE_INDEX, backend=self._backend)
+        return loss, logits
 
     def embed(self, input_ids: Tensor, image_embeds: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None,
               start: int = 0) -> tuple[Tensor, _Layout]:
@@ -149,6 +165,11 @@ class MultimodalGPT(nn.Module):
         else:
             x, layout = self._embed_packed(text, image_embeds, cu_seqlens)
             n_positions = layout.max_seqlen
+        window = self.config.sliding_window
+        if window is not None and n_positions > window and not OPS_HAS_WINDOW:
+            # exact below the window; ops.flash_attention has no window to mask the rest with
+            raise ValueError(f"input_ids: image prefix + text must fit the sliding_window {window} (attention "
+                             f"beyond it is not supported yet), got {n_positions} positions")
         if self.wpe is not None:
             if n_positions > self.config.max_seq_len:
                 raise ValueError(f"input_ids: image prefix + text must fit max_seq_len {self.config.max_seq_len}, "
@@ -180,11 +201,14 @@ class MultimodalGPT(nn.Module):
         """The text blocks and the final norm over an embedded sequence (see `embed`); with a
         `generation.KVCache`, one decode step that reads and extends the cache."""
         c = self.config
-        rope = rope_tables(layout.positions, c.head_dim, c.rope_theta) if c.pos_embedding == "rope" else None
+        rope = rope_tables(layout.positions, c.head_dim, c.rope_theta, c.rope_scaling) if c.pos_embedding == "rope" \
+            else None
         # a decode step (one query row after the prefix) is plain causal, bottom-right aligned
         decoding = cache is not None and cache.length > 0
         kwargs = dict(causal=True, prefix_len=None if decoding else layout.prefix_len, cu_seqlens=layout.cu_seqlens,
                       max_seqlen=layout.max_seqlen, rope=rope, cache=cache)
+        if c.sliding_window is not None and OPS_HAS_WINDOW:
+            kwargs["window_size"] = (c.sliding_window - 1, 0)  # query i sees keys i - (window - 1) .. i
         use_ckpt = self.gradient_checkpointing and self.training and cache is None and torch.is_grad_enabled()
         h, delta = x, None
         for i, block in enumerate(self.blocks):
@@ -215,6 +239,9 @@ class MultimodalGPT(nn.Module):
                                  f"got {tuple(input_ids.shape)}")
             n = cu_seqlens.numel() - 1
         if images is not None:
+            if self.vision is None:
+                raise ValueError("images: this model has no vision encoder (vision_type 'none'), so expected "
+                                 "None, got a tensor")
             want = (n, c.in_channels, c.image_size, c.image_size)
             if not isinstance(images, Tensor) or not images.is_floating_point():
                 raise TypeError(f"images: expected a float tensor {want}, got "
@@ -252,7 +279,24 @@ class MultimodalGPT(nn.Module):
     @classmethod
     def from_hf_gpt2(cls, path_or_state_dict, backend: Optional[str] = None, **config_overrides) -> "MultimodalGPT":
         """A model whose text stack holds a Hugging Face GPT-2 checkpoint (a safetensors file, an HF
-        model folder or a state dict); sizes are read from the weights, the vision encoder is new."""
-        from .hub import from_hf_gpt2
+        model folder or a state dict); sizes are read from the weights (the head count from the
+        folder's config.json, else `n_head=`), the vision encoder is new."""
+        from .hf import from_hf_gpt2
 
         return from_hf_gpt2(cls, path_or_state_dict, backend=backend, **config_overrides)
+
+    @classmethod
+    def from_pretrained_towers(cls, text, vision=None, connector: str = "mlp2x_gelu", vision_feature_layer: int = -2,
+                               backend: Optional[str] = None, dtype: torch.dtype = torch.float32,
+                               **overrides) -> "MultimodalGPT":
+        """A model assembled from Hugging Face folders: `text` a LlamaForCausalLM (SmolLM2),
+        MistralForCausalLM or Qwen2ForCausalLM folder (config.json + model.safetensors, or shards
+        with model.safetensors.index.json); `vision` a CLIP or SigLIP folder (vision model or the
+        whole dual encoder) or None (a text-only model, its logits the text tower's). The connector
+        is new (random); `overrides` are ModelConfig fields (e.g. vision_feature_select,
+        max_seq_len). Every tensor is checked against config.json before any is used: a missing,
+        unexpected or misshapen one raises, naming it (see hf.py)."""
+        from .hf import load_towers
+
+        return load_towers(cls, text, vision, connector=connector, vision_feature_layer=vision_feature_layer,
+                           backend=backend, dtype=dtype, **overrides)

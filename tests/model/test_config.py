@@ -13,6 +13,12 @@ VARIANTS = [
     {},
     dict(vision_type="cnn", pos_embedding="rope", norm="rmsnorm", n_kv_head=2, bias=False, tie_embeddings=False),
     dict(n_layer=3, n_head=4, n_kv_head=1, mlp_hidden=200, vision_layers=0, image_size=24, patch_size=8),
+    # the Llama family (SwiGLU, q/k/v biases as Qwen2) with pretrained-tower layouts and other connectors
+    dict(text_block="llama", norm="rmsnorm", pos_embedding="rope", bias=False, qkv_bias=True, tie_embeddings=False,
+         vision_type="siglip", vision_layers=3, vision_feature_layer=-1, vision_post_norm=True, connector="linear"),
+    dict(text_block="llama", norm="rmsnorm", pos_embedding="rope", bias=True, vision_type="clip", vision_layers=3,
+         vision_feature_layer=1, connector="pixel_shuffle"),
+    dict(text_block="llama", norm="rmsnorm", pos_embedding="rope", vision_type="none"),
 ]
 
 
@@ -64,6 +70,17 @@ def test_dict_and_json_round_trip(tmp_path):
     (dict(norm="batchnorm"), r"norm: expected one of \['layernorm', 'rmsnorm'\]"),
     (dict(pos_embedding="alibi"), "pos_embedding: expected one of"),
     (dict(dropout=1.0), r"dropout: expected a probability in \[0, 1\)"),
+    (dict(text_block="mamba"), r"text_block: expected one of \['gpt', 'llama'\]"),
+    (dict(vision_type="clip", vision_feature_layer=3), "vision_feature_layer: expected an index of the 3 hidden states"),
+    (dict(vision_type="clip", vision_feature_layer=-4), "vision_feature_layer: expected an int >= -3"),
+    (dict(vision_feature_layer=-2), "vision_feature_layer: the built-in 'vit' encoder gives its last layer only"),
+    (dict(vision_type="clip", vision_post_norm=True), "vision_post_norm: only a siglip tower"),
+    (dict(vision_type="clip", vision_feature_select="full", connector="pixel_shuffle"),
+     "connector: pixel_shuffle needs a square grid of patch tokens"),
+    (dict(connector="pixel_shuffle", pixel_shuffle_factor=3), "pixel_shuffle_factor: expected a divisor of the 4 x 4"),
+    (dict(pos_embedding="rope", rope_scaling={"rope_type": "yarn"}), "rope_scaling: expected rope_type one of"),
+    (dict(pos_embedding="rope", rope_scaling={"rope_type": "llama3", "factor": 8.0}), "rope_scaling: llama3 expects"),
+    (dict(rope_scaling={"rope_type": "llama3"}), "rope_scaling: applies to pos_embedding 'rope'"),
 ])
 def test_invalid_configs_name_the_field(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -81,8 +98,8 @@ def test_param_counts_match_the_model(overrides):
     model = MultimodalGPT(cfg)
     assert model.num_params() == cfg.num_params()
     assert model.num_params(exclude_embeddings=True) == cfg.num_params(exclude_embeddings=True)
-    assert sum(p.numel() for p in model.vision.parameters()) == sum(
-        n for k, n in cfg.param_counts().items() if k.startswith("vision"))
+    vision = sum(p.numel() for p in model.vision.parameters()) if model.vision is not None else 0
+    assert vision == sum(n for k, n in cfg.param_counts().items() if k.startswith("vision"))
 
 
 @pytest.mark.parametrize("overrides", VARIANTS[:2])
