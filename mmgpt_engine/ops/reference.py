@@ -34,14 +34,23 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5, residual=None):
     return y if residual is None else (y, h)
 
 
-def rms_norm(x, weight=None, eps=1e-6, residual=None):
-    """RMSNorm over the last dim; with `residual`, returns (y, x + residual)."""
+def rms_norm(x, weight=None, eps=1e-6, residual=None, *, offset=0.0, casting_mode="gemma"):
+    """RMSNorm over the last dim; with `residual`, returns (y, x + residual).
+
+    y = xhat * (weight + offset). casting_mode "gemma": one rounding, of y to x's dtype; "llama":
+    xhat is first rounded to x's dtype (transformers' `weight * xhat.to(input_dtype)`) and y
+    takes the promoted dtype of x and weight."""
     h = x if residual is None else x + residual
     hc = h.to(_compute_dtype(x.dtype))
     y = hc * torch.rsqrt(hc.pow(2).mean(dim=-1, keepdim=True) + eps)
+    out_dtype = x.dtype
+    if casting_mode == "llama":
+        y = y.to(x.dtype).to(hc.dtype)
+        if weight is not None:
+            out_dtype = torch.promote_types(x.dtype, weight.dtype)
     if weight is not None:
-        y = y * weight.to(hc.dtype)
-    y = y.to(x.dtype)
+        y = y * (weight.to(hc.dtype) + offset)
+    y = y.to(out_dtype)
     return y if residual is None else (y, h)
 
 

@@ -1,6 +1,10 @@
 """LayerNorm / RMSNorm in Triton, with the residual add fused in (contract: `ops/norms.py`).
 
 One kernel pair serves both norms (IS_RMS drops the mean) so the two cannot drift apart.
+Options: `offset` is added to the weight as it is read (Gemma's RMSNorm scales by 1 + weight);
+CAST_XHAT rounds the normalised row to the input's dtype before the weight multiplies it (the
+"llama" casting of Llama/Mistral/Qwen2's RMSNorm in transformers; without it, all arithmetic is
+float32 and the output is rounded once, Gemma's casting).
 Forward: one program per row, the whole row in registers (hidden sizes up to MAX_N).
 Backward: a fixed number of programs each walks a contiguous slab of rows, writes dx per row and
 keeps its weight/bias gradient partial sums in registers; the (programs, N) partials are then
@@ -19,9 +23,9 @@ MAX_N = 65536
 def norm_fwd_kernel(
     X, RES, W, B, Y, H, MEAN, RSTD,
     stride_x, stride_res, stride_y, stride_h,
-    N, eps,
+    N, eps, offset,
     HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, IS_RMS: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, CAST_XHAT: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
@@ -43,8 +47,10 @@ def norm_fwd_kernel(
     rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / N + eps)
     tl.store(RSTD + row, rstd)
     y = xc * rstd
+    if CAST_XHAT:
+        y = y.to(X.dtype.element_ty).to(tl.float32)
     if HAS_W:
-        y = y * tl.load(W + cols, mask=inside, other=0.0).to(tl.float32)
+        y = y * (tl.load(W + cols, mask=inside, other=0.0).to(tl.float32) + offset)
     if HAS_B:
         y = y + tl.load(B + cols, mask=inside, other=0.0).to(tl.float32)
     tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=inside)
@@ -54,9 +60,9 @@ def norm_fwd_kernel(
 def norm_bwd_kernel(
     DY, DH, H, W, MEAN, RSTD, DX, DW_PARTIAL, DB_PARTIAL,
     stride_dy, stride_dh, stride_h, stride_dx,
-    R, N, rows_per_program,
+    R, N, rows_per_program, offset,
     HAS_DH: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, IS_RMS: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, CAST_XHAT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
@@ -64,7 +70,7 @@ def norm_bwd_kernel(
     row_start = pid.to(tl.int64) * rows_per_program  # int64 loop index: no offset overflow
     row_end = tl.minimum(row_start + rows_per_program, R)
     if HAS_W:
-        w = tl.load(W + cols, mask=inside, other=0.0).to(tl.float32)
+        w = tl.load(W + cols, mask=inside, other=0.0).to(tl.float32) + offset
     dw_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     db_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for row in range(row_start, row_end):
@@ -87,9 +93,15 @@ def norm_bwd_kernel(
             dx = (wdy - (xhat * c1 + c2)) * rstd
         if HAS_DH:
             dx += tl.load(DH + row * stride_dh + cols, mask=inside, other=0.0).to(tl.float32)
+        # DX may be DY's memory (in_place): the row's dy is all in registers by now
         tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=inside)
         if HAS_W:
-            dw_acc += dy * xhat
+            if CAST_XHAT:
+                # the weight multiplied the rounded row in the forward (the rounding passes the
+                # gradient through unchanged, as autograd's cast does)
+                dw_acc += dy * xhat.to(H.dtype.element_ty).to(tl.float32)
+            else:
+                dw_acc += dy * xhat
         if HAS_B:
             db_acc += dy
     if HAS_W:
@@ -112,10 +124,11 @@ def _num_programs(rows: int, device: torch.device) -> int:
     return max(1, min(rows, 4))  # the interpreter runs programs one after another
 
 
-def norm_fwd(x, weight, bias, residual, eps, is_rms):
+def norm_fwd(x, weight, bias, residual, eps, is_rms, offset=0.0, cast_xhat=False, out_dtype=None):
+    """out_dtype: y's dtype (default x's)."""
     r, n = x.shape
     block, warps = _block_and_warps(n)
-    y = torch.empty_like(x)
+    y = torch.empty_like(x, dtype=out_dtype or x.dtype)
     h = torch.empty_like(x) if residual is not None else x.new_empty(0)
     mean = x.new_empty(0 if is_rms else r, dtype=torch.float32)
     rstd = x.new_empty(r, dtype=torch.float32)
@@ -126,17 +139,18 @@ def norm_fwd(x, weight, bias, residual, eps, is_rms):
         x, res, weight if weight is not None else x, bias if bias is not None else x, y,
         h if residual is not None else y, mean if not is_rms else rstd, rstd,
         x.stride(0), res.stride(0), y.stride(0), h.stride(0) if residual is not None else y.stride(0),
-        n, eps,
+        n, eps, float(offset),
         HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None, IS_RMS=is_rms,
-        BLOCK_N=block, num_warps=warps,
+        BLOCK_N=block, CAST_XHAT=cast_xhat, num_warps=warps,
     )
     return y, h, mean, rstd
 
 
-def norm_bwd(dy, dh, h, weight, bias, mean, rstd, is_rms):
+def norm_bwd(dy, dh, h, weight, bias, mean, rstd, is_rms, offset=0.0, cast_xhat=False, dx_out=None):
+    """dx_out: where to write dx (default a new tensor); dy itself may be given (in_place)."""
     r, n = h.shape
     block, warps = _block_and_warps(n)
-    dx = torch.empty_like(h)
+    dx = torch.empty_like(h) if dx_out is None else dx_out
     programs = _num_programs(r, h.device)
     rows_per_program = triton.cdiv(r, programs) if r else 0
     has_dh = dh.numel() > 0
@@ -147,9 +161,9 @@ def norm_bwd(dy, dh, h, weight, bias, mean, rstd, is_rms):
             dy, dh if has_dh else dy, h, weight if weight is not None else h, mean if not is_rms else rstd, rstd,
             dx, dw_partial if dw_partial is not None else rstd, db_partial if db_partial is not None else rstd,
             dy.stride(0), dh.stride(0) if has_dh else dy.stride(0), h.stride(0), dx.stride(0),
-            r, n, rows_per_program,
+            r, n, rows_per_program, float(offset),
             HAS_DH=has_dh, HAS_W=weight is not None, HAS_B=bias is not None, IS_RMS=is_rms,
-            BLOCK_N=block, num_warps=warps,
+            BLOCK_N=block, CAST_XHAT=cast_xhat, num_warps=warps,
         )
     elif dw_partial is not None or db_partial is not None:
         for p in (dw_partial, db_partial):
