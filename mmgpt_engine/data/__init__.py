@@ -12,6 +12,7 @@ _EXPORTS = {
     "word_tokenizer": "tokenizer", "tokenizer_fingerprint": "tokenizer",
     "ShapesCaptionDataset": "shapes", "WebDatasetCaptions": "shards", "write_shard": "shards",
     "JsonlCaptionDataset": "jsonl", "preprocess_image": "image",
+    "ImageProcessor": "image_processor", "image_processor_for": "image_processor",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -2,7 +2,8 @@
 
 Resize the shorter side to S (bicubic), center-crop S x S, scale to [0, 1], then normalise with
 mean = std = 0.5 per channel (so pixels land in [-1, 1]). Palette, grayscale, alpha and tiny
-(even 1x1) images all work; transparent pixels are composited onto white.
+(even 1x1) images all work; transparent pixels are composited onto white. A pretrained vision
+tower's own preprocessing (sizes, filters, mean/std): image_processor.py.
 """
 from __future__ import annotations
 
@@ -37,7 +38,8 @@ def load_image(source: ImageSource) -> Image.Image:
 def to_mode(img: Image.Image, channels: int = 3) -> Image.Image:
     if img.mode == "P":
         img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA") or "A" in img.getbands():
+    # a palette or grey image may mark one value transparent (`transparency`) instead of an alpha band
+    if img.mode in ("RGBA", "LA", "PA") or "A" in img.getbands() or img.info.get("transparency") is not None:
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, img.convert("RGBA"))
     return img.convert("RGB" if channels == 3 else "L")

@@ -3,9 +3,15 @@ tokenizer.json. Both expose the same small interface:
 
     tok = load_tokenizer()                       # bytes 0..255 + <bos> 256, <eos> 257, <pad> 258
     tok = load_tokenizer("path/tokenizer.json")  # or a folder holding one (e.g. a saved checkpoint)
+    tok = load_tokenizer("checkpoints/SmolLM2-135M")  # a Hugging Face folder: tokenizer.json + tokenizer_config.json
     tok = word_tokenizer(["a", "red", "circle"])  # one id per word (+ the special tokens and <unk>)
     ids = tok.encode("a red circle"); tok.decode(ids) == "a red circle"
     tok.bos_id, tok.eos_id, tok.pad_id, tok.vocab_size; tok.save_pretrained(folder)
+    tok.chat_template                            # a Hugging Face folder's Jinja chat template, or None
+
+A Hugging Face folder's tokenizer_config.json names the special tokens (bos_token, eos_token,
+pad_token: a string or an AddedToken mapping {"content": ...}) and may hold the chat template (or
+chat_template.jinja beside it); tokens it does not name are found by their usual names.
 
 Train a byte-level BPE on local text files (the `tokenizers` library does the work):
 
@@ -22,6 +28,7 @@ from typing import Iterable, Optional, Sequence
 
 CONFIG_NAME = "tokenizer_config.json"
 TOKENIZER_NAME = "tokenizer.json"
+CHAT_TEMPLATE_NAME = "chat_template.jinja"
 SPECIAL_TOKENS = ("<bos>", "<eos>", "<pad>")
 # names under which common tokenizer.json files carry their special tokens, most specific first
 _BOS_NAMES = ("<bos>", "<s>", "<|bos|>", "<|begin_of_text|>", "[CLS]", "<|endoftext|>")
@@ -64,25 +71,45 @@ class ByteTokenizer:
 
 
 class HFTokenizer:
-    """A `tokenizers.Tokenizer` (tokenizer.json) with its bos/eos/pad ids found by token name
-    (pad falls back to eos, as GPT-2's single <|endoftext|> serves all three)."""
+    """A `tokenizers.Tokenizer` (tokenizer.json) with its bos/eos/pad ids: the tokens that
+    `special_tokens` (tokenizer_config.json's bos_token, eos_token, pad_token) names, else found
+    by their usual names (pad falls back to eos, as GPT-2's single <|endoftext|> serves all three)."""
 
     kind = "hf"
 
-    def __init__(self, tokenizer, source: str = "<memory>"):
+    def __init__(self, tokenizer, source: str = "<memory>", special_tokens: Optional[dict] = None,
+                 chat_template: Optional[str] = None):
         self.tokenizer = tokenizer
         self.source = source
-        self.bos_id = self._find("bos", _BOS_NAMES)
-        self.eos_id = self._find("eos", _EOS_NAMES)
-        pad = [tokenizer.token_to_id(n) for n in _PAD_NAMES]
-        self.pad_id = next((i for i in pad if i is not None), self.eos_id)
+        named = {k: _token_content(v) for k, v in (special_tokens or {}).items()}
+        self.bos_id = self._named("bos_token", named) if named.get("bos_token") else self._find("bos", _BOS_NAMES)
+        self.eos_id = self._named("eos_token", named) if named.get("eos_token") else self._find("eos", _EOS_NAMES)
+        if named.get("pad_token"):
+            self.pad_id = self._named("pad_token", named)
+        else:
+            pad = [tokenizer.token_to_id(n) for n in _PAD_NAMES]
+            self.pad_id = next((i for i in pad if i is not None), self.eos_id)
+        self.chat_template = chat_template
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
 
     @classmethod
-    def from_file(cls, path) -> "HFTokenizer":
+    def from_file(cls, path, config: Optional[dict] = None, chat_template: Optional[str] = None) -> "HFTokenizer":
+        """tokenizer.json at `path`; `config`: its tokenizer_config.json, when there is one."""
         from tokenizers import Tokenizer
 
-        return cls(Tokenizer.from_file(str(path)), source=str(path))
+        config = config or {}
+        template = config.get("chat_template", chat_template)
+        if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+            by_name = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = by_name.get("default", next(iter(by_name.values()), None))
+        special = {k: config.get(k) for k in ("bos_token", "eos_token", "pad_token")}
+        return cls(Tokenizer.from_file(str(path)), source=str(path), special_tokens=special, chat_template=template)
+
+    def _named(self, key: str, named: dict) -> int:
+        i = self.tokenizer.token_to_id(named[key])
+        if i is None:
+            raise ValueError(f"tokenizer: {CONFIG_NAME} names {key} {named[key]!r}, which {self.source} does not hold")
+        return i
 
     def _find(self, what: str, names: Sequence[str]) -> int:
         for name in names:
@@ -101,12 +128,27 @@ class HFTokenizer:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
     def save_pretrained(self, directory) -> None:
+        """tokenizer.json + a tokenizer_config.json that transformers reads too (special tokens, chat template)."""
         Path(directory).mkdir(parents=True, exist_ok=True)
         self.tokenizer.save(str(Path(directory) / TOKENIZER_NAME))
-        (Path(directory) / CONFIG_NAME).write_text(json.dumps({"kind": self.kind}) + "\n")
+        config = {"kind": self.kind, "tokenizer_class": "PreTrainedTokenizerFast",
+                  "bos_token": self.tokenizer.id_to_token(self.bos_id), "eos_token": self.tokenizer.id_to_token(self.eos_id),
+                  "pad_token": self.tokenizer.id_to_token(self.pad_id)}
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        (Path(directory) / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
 
     def __repr__(self) -> str:
         return f"HFTokenizer({self.source!r}, vocab_size={self.vocab_size})"
+
+
+def _token_content(value) -> Optional[str]:
+    """A special token as tokenizer_config.json writes it: a string, or an AddedToken mapping."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"tokenizer: expected a special token as a string or {{'content': ...}}, got {value!r}")
+    return value
 
 
 def word_tokenizer(words: Sequence[str], source: str = "words") -> HFTokenizer:
@@ -146,7 +188,9 @@ def load_tokenizer(name_or_path: Optional[str | os.PathLike] = None):
         return HFTokenizer.from_file(path)
     if path.is_dir():
         if (path / TOKENIZER_NAME).is_file():
-            return HFTokenizer.from_file(path / TOKENIZER_NAME)
+            config = json.loads((path / CONFIG_NAME).read_text()) if (path / CONFIG_NAME).is_file() else {}
+            template = (path / CHAT_TEMPLATE_NAME).read_text() if (path / CHAT_TEMPLATE_NAME).is_file() else None
+            return HFTokenizer.from_file(path / TOKENIZER_NAME, config=config, chat_template=template)
         if (path / CONFIG_NAME).is_file():
             kind = json.loads((path / CONFIG_NAME).read_text()).get("kind")
             if kind == "byte":

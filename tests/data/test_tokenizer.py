@@ -108,3 +108,62 @@ def test_tokenizer_json_without_special_tokens_is_refused(tmp_path):
     Tokenizer(models.WordLevel({"a": 0, "b": 1}, unk_token="a")).save(str(tmp_path / "t.json"))
     with pytest.raises(ValueError, match="tokenizer: expected a bos special token"):
         get_tokenizer(tmp_path / "t.json")
+
+
+def hf_style_folder(folder, separate_template=False):
+    """A Hugging Face text tower's tokenizer files: tokenizer.json (byte-level BPE, SmolLM2-style
+    special tokens) + tokenizer_config.json naming them (bos as an AddedToken mapping, as
+    transformers writes it), the chat template inside it or in chat_template.jinja."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<empty_output>"]
+    tok.train_from_iterator(["a red circle", "a blue square above a green triangle"] * 20,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=specials,
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.save(str(folder / "tokenizer.json"))
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": 2048,
+              "bos_token": {"content": "<|im_start|>", "lstrip": False, "normalized": False, "rstrip": False,
+                            "single_word": False, "__type": "AddedToken"},
+              "eos_token": "<|im_end|>", "pad_token": "<empty_output>", "unk_token": "<|endoftext|>"}
+    if separate_template:
+        (folder / "chat_template.jinja").write_text(template)
+    else:
+        config["chat_template"] = template
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return template
+
+
+@pytest.mark.parametrize("separate_template", [False, True], ids=["in-config", "jinja-file"])
+def test_hf_folder_special_tokens_and_chat_template_as_transformers(tmp_path, separate_template):
+    """tokenizer_config.json decides the special tokens (not the first usual name found: this
+    vocabulary also holds <|endoftext|>), and the chat template comes along; ids as transformers'."""
+    transformers = pytest.importorskip("transformers")
+    template = hf_style_folder(tmp_path / "tower", separate_template)
+    ours = get_tokenizer(tmp_path / "tower")
+    theirs = transformers.AutoTokenizer.from_pretrained(tmp_path / "tower")
+    assert (ours.bos_id, ours.eos_id, ours.pad_id) == (theirs.bos_token_id, theirs.eos_token_id, theirs.pad_token_id)
+    assert ours.bos_id != ours.tokenizer.token_to_id("<|endoftext|>")
+    assert ours.chat_template == template == theirs.chat_template
+    for text in ["a red circle", "a green square above a blue triangle", "ünïcödé"]:
+        assert ours.encode(text) == theirs.encode(text, add_special_tokens=False)
+    # saved by us, read back by us and by transformers the same way
+    ours.save_pretrained(tmp_path / "saved")
+    again, theirs_again = get_tokenizer(tmp_path / "saved"), transformers.AutoTokenizer.from_pretrained(tmp_path / "saved")
+    assert (again.bos_id, again.eos_id, again.pad_id, again.chat_template) == (ours.bos_id, ours.eos_id, ours.pad_id,
+                                                                               template)
+    assert (theirs_again.bos_token_id, theirs_again.eos_token_id) == (ours.bos_id, ours.eos_id)
+
+
+def test_hf_folder_naming_a_token_it_does_not_hold_is_refused(tmp_path):
+    hf_style_folder(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["eos_token"] = "</s>"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="tokenizer: tokenizer_config.json names eos_token '</s>', which .* does not hold"):
+        get_tokenizer(tmp_path)
