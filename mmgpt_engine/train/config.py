@@ -1,6 +1,7 @@
 """The training configuration: one yaml file with sections, each a small dataclass.
 
-    model:    ModelConfig fields; `preset: tiny` starts from a preset (mmgpt_engine.model.config)
+    model:    ModelConfig fields; `preset: tiny` starts from a preset (mmgpt_engine.model.config), or
+              `text_from: FOLDER` (+ `vision_from: FOLDER`) names pretrained Hugging Face towers
     data:     which dataset (built-in `shapes`, `webdataset` shards, `jsonl`), tokenizer, loader
     optim:    AdamW hyper-parameters and gradient clipping
     schedule: warmup and decay of the learning rate
@@ -25,7 +26,9 @@ import yaml
 from ..model.config import ModelConfig
 from ..ops import BACKENDS
 
-DATA_KINDS = ("shapes", "webdataset", "jsonl")
+DATA_KINDS = ("shapes", "webdataset", "jsonl", "llava")
+PARTS = ("vision", "connector", "text")           # what run.train and optim.lr_per_part name
+CHAT_TEMPLATES = ("plain", "llava_v1", "chatml", "tokenizer")
 DECAYS = ("cosine", "linear", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 FREEZE = ("none", "vision", "text")
@@ -46,6 +49,12 @@ class DataConfig:
     caption_eval_samples: int = 64      # held-out images captioned greedily (built-in data only)
     stall_warning_s: float = 300.0      # report a loader that yields nothing this long (0: never)
     options: dict = field(default_factory=dict)   # passed to the dataset factory as keywords
+    # llava conversations (data/llava.py)
+    image_folder: Optional[str] = None  # images are relative to it (default: the JSON file's folder)
+    chat_template: Optional[str] = None  # plain | llava_v1 | chatml | tokenizer (None: the tokenizer's own)
+    max_unscorable_fraction: float = 0.05  # stop before training when more of the audited samples cannot train
+    audit_samples: int = 2000           # samples rendered at start-up for the report (0: all)
+    group_by_modality_length: bool = False  # each optimizer step all-image or all-text (LLaVA's option)
 
 
 @dataclass
@@ -56,6 +65,7 @@ class OptimConfig:
     betas: list = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     max_grad_norm: float = 1.0          # 0 disables clipping
+    lr_per_part: dict = field(default_factory=dict)  # e.g. {connector: 1e-3, text: 2e-5}; others use lr
 
 
 @dataclass
@@ -85,8 +95,11 @@ class RunConfig:
     max_nonfinite: int = 5              # consecutive non-finite losses that abort the run
     init_from: Optional[str] = None     # a save_pretrained folder or a Hugging Face GPT-2 path
     freeze: str = "none"
+    train: Optional[list] = None        # the parts that train, e.g. [connector] (stage 1); None: all but run.freeze
     export: bool = True                 # consolidated fp32 model.safetensors at the end
     progress: bool = True               # tqdm bar on rank 0
+    collective_timeout_s: Optional[float] = None   # how long a collective waits before it fails; None: DeepSpeed's
+    peer_timeout_s: float = 60.0        # a rank silent this long (no heartbeat) ends the job as lost; 0: no watch
 
 
 SECTIONS = {"data": DataConfig, "optim": OptimConfig, "schedule": ScheduleConfig, "batch": BatchConfig,
@@ -118,6 +131,8 @@ class TrainConfig:
             raise ConfigError(f"{source}: model: expected a mapping of ModelConfig fields, got {type(model).__name__}")
         sections = {name: _section(name, kind, values.get(name), source) for name, kind in SECTIONS.items()}
         cfg = cls(model=dict(model), **sections)
+        if cfg.data.tokenizer is None and isinstance(model.get("text_from"), str):
+            cfg.data.tokenizer = model["text_from"]  # a pretrained text tower brings its tokenizer
         # which keys the user wrote: only those can contradict the DeepSpeed JSON (ds_config.py)
         cfg.explicit = frozenset(f"{name}.{key}" for name in SECTIONS for key in (values.get(name) or {}))
         cfg.validate()
@@ -139,8 +154,16 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def model_config(self) -> ModelConfig:
-        """The ModelConfig this run trains (cheap: no weights are built)."""
+        """The ModelConfig this run trains (cheap: no weights are built; pretrained towers,
+        `text_from` / `vision_from`, are sized from their config.json)."""
         values = dict(self.model)
+        if "text_from" in values or "vision_from" in values:
+            from ..model.hf import towers_config_from_section
+
+            try:
+                return towers_config_from_section(values)
+            except (TypeError, ValueError, FileNotFoundError) as e:
+                raise ConfigError(f"model: {e}") from e
         if "preset" not in values:
             values["preset"] = "tiny"
         try:
@@ -171,6 +194,12 @@ class TrainConfig:
                 _int(name, value, 1)
         # yaml 1.1 reads `3e-3` (no dot) as a string: accept it as the number it spells
         d.stall_warning_s = _number("data.stall_warning_s", d.stall_warning_s, 0.0, None)
+        r.peer_timeout_s = _number("run.peer_timeout_s", r.peer_timeout_s, 0.0, None)
+        if r.collective_timeout_s is not None:
+            r.collective_timeout_s = _number("run.collective_timeout_s", r.collective_timeout_s, 0.0, None)
+            if r.collective_timeout_s == 0:
+                raise ConfigError("run.collective_timeout_s: expected a positive number of seconds (or null for "
+                                  "DeepSpeed's default), got 0")
         o.lr = _number("optim.lr", o.lr, 0.0, None)
         o.min_lr_ratio = _number("optim.min_lr_ratio", o.min_lr_ratio, 0.0, 1.0)
         o.weight_decay = _number("optim.weight_decay", o.weight_decay, 0.0, None)
@@ -181,8 +210,26 @@ class TrainConfig:
         if (not isinstance(o.betas, (list, tuple)) or len(o.betas) != 2
                 or not all(isinstance(x, (int, float)) and 0 <= x < 1 for x in o.betas)):
             raise ConfigError(f"optim.betas: expected two numbers in [0, 1), got {o.betas!r}")
-        if d.kind in ("webdataset", "jsonl") and not d.path:
+        if d.kind in ("webdataset", "jsonl", "llava") and not d.path:
             raise ConfigError(f"data.path: data.kind {d.kind!r} reads a user's dataset, so expected a path, got none")
+        if d.chat_template is not None:
+            _choice("data.chat_template", d.chat_template, CHAT_TEMPLATES)
+        d.max_unscorable_fraction = _number("data.max_unscorable_fraction", d.max_unscorable_fraction, 0.0, 1.0)
+        _int("data.audit_samples", d.audit_samples, 0)
+        if not isinstance(o.lr_per_part, dict):
+            raise ConfigError(f"optim.lr_per_part: expected a mapping of part -> lr among {list(PARTS)}, got "
+                              f"{type(o.lr_per_part).__name__}")
+        for part, lr in o.lr_per_part.items():
+            _choice("optim.lr_per_part", part, PARTS)
+            o.lr_per_part[part] = _number(f"optim.lr_per_part.{part}", lr, 0.0, None)
+        if r.train is not None:
+            if not isinstance(r.train, (list, tuple)) or not r.train:
+                raise ConfigError(f"run.train: expected a non-empty list of parts among {list(PARTS)}, got {r.train!r}")
+            for part in r.train:
+                _choice("run.train", part, PARTS)
+            if r.freeze != "none":
+                raise ConfigError(f"run.train and run.freeze: expected one of the two, got run.train {list(r.train)} "
+                                  f"and run.freeze {r.freeze!r}")
         if not isinstance(d.options, dict):
             raise ConfigError(f"data.options: expected a mapping of dataset keywords, got {type(d.options).__name__}")
         if not isinstance(r.output_dir, str) or not r.output_dir:
