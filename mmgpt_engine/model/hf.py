@@ -411,18 +411,20 @@ TOWER_KEYS = ("text_from", "vision_from")
 
 def towers_config_from_section(values: dict) -> ModelConfig:
     """A `model:` mapping that names towers (text_from, vision_from, + ModelConfig fields such as
-    connector, vision_feature_layer, max_seq_len) -> its ModelConfig, read from config.json only."""
-    values = dict(values)
+    connector, vision_feature_layer, max_seq_len) -> its ModelConfig, read from config.json only.
+    The towers replace a preset (`--set model.text_from=...` over a yaml that says `preset: tiny`):
+    the sizes are the folders'."""
+    values = {k: v for k, v in values.items() if k != "preset"}
     text, vision = values.pop("text_from", None), values.pop("vision_from", None)
     if not isinstance(text, (str, os.PathLike)):
         raise ValueError(f"text_from: expected the folder of the language model (a Hugging Face Llama, Mistral, "
                          f"Qwen2 or GPT-2 folder), got {text!r}")
-    if "preset" in values:
-        raise ValueError(f"preset: the sizes come from text_from's config.json, so expected no preset, "
-                         f"got {values['preset']!r}")
     return towers_config(text, vision, **values)
 
 
 def split_tower_keys(values: dict) -> tuple[dict, dict]:
     """(the tower folders, the other keys) of a `model:` mapping."""
-    return ({k: v for k, v in values.items() if k in TOWER_KEYS}, {k: v for k, v in values.items() if k not in TOWER_KEYS})
+    towers = {k: v for k, v in values.items() if k in TOWER_KEYS}
+    # with towers the preset gives way to the folders' sizes (see towers_config_from_section)
+    rest = {k: v for k, v in values.items() if k not in TOWER_KEYS and not (towers and k == "preset")}
+    return towers, rest

@@ -1,8 +1,9 @@
 """Model weights into and out of the DeepSpeed engine.
 
-In: the model is built (and `--init_from` weights loaded) as a plain module *before*
-deepspeed.initialize, so nothing is partitioned yet and loading reads whole tensors; DeepSpeed
-then partitions (ZeRO-3) and makes its fp32 master copies from the loaded values.
+In: the model is built (pretrained towers, `model.text_from` / `model.vision_from`, or
+`--init_from` weights loaded) as a plain module *before* deepspeed.initialize, so nothing is
+partitioned yet and loading reads whole tensors; DeepSpeed then partitions (ZeRO-3) and makes its
+fp32 master copies from the loaded values, so every rank's partition holds the files' values.
 
 Out: under ZeRO a parameter may hold only this rank's shard (ZeRO-3: size 0 outside its module's
 forward) and the fp32 master weights live in the optimizer. `full_fp32_state_dict` assembles each
@@ -23,18 +24,25 @@ import deepspeed.comm as dist
 from deepspeed.utils import safe_get_full_fp32_param
 
 from ..model.gpt import MultimodalGPT
+from ..model.hf import split_tower_keys
 from ..model.hub import CONFIG_NAME, WEIGHTS_NAME
 from .config import ConfigError
 from .faults import on_rank0
 
 
 def build_model(model_config, init_from: Optional[str], backend: Optional[str], written: Optional[dict] = None):
-    """A MultimodalGPT: fresh from `model_config`; or a save_pretrained folder (its own config,
-    with the model keys the user wrote in the training yaml, `written`, applied on top); or a
-    Hugging Face GPT-2 text stack (sizes from its weights) with the vision side of `model_config`."""
+    """A MultimodalGPT: fresh from `model_config`; or the pretrained towers `written` names
+    (model.text_from, model.vision_from: Hugging Face folders, the connector new); or a
+    save_pretrained folder (its own config, with the model keys the user wrote in the training
+    yaml, `written`, applied on top); or a Hugging Face GPT-2 text stack (sizes from its weights)
+    with the vision side of `model_config`. `init_from` wins over the towers (a later stage starts
+    from the earlier stage's export)."""
+    towers, written = split_tower_keys(written or {})
+    if init_from is None and towers:
+        return _from_towers(model_config, towers, written, backend)
     if init_from is None:
         return MultimodalGPT(model_config, backend=backend)
-    written = {k: v for k, v in (written or {}).items() if k != "preset"}
+    written = {k: v for k, v in written.items() if k != "preset"}
     path = Path(init_from)
     if not path.exists():
         raise ConfigError(f"--init_from: no such file or folder {init_from!r}")
@@ -50,6 +58,17 @@ def build_model(model_config, init_from: Optional[str], backend: Optional[str], 
         return MultimodalGPT.from_hf_gpt2(str(path), backend=backend, **overrides)
     except (FileNotFoundError, ValueError, TypeError, RuntimeError) as e:
         raise ConfigError(f"--init_from {init_from}: {e}") from e
+
+
+def _from_towers(model_config, towers: dict, written: dict, backend: Optional[str]):
+    text, vision = towers.get("text_from"), towers.get("vision_from")
+    try:
+        model = MultimodalGPT.from_pretrained_towers(text, vision, backend=backend, **written)
+    except (FileNotFoundError, ValueError, TypeError, RuntimeError) as e:
+        raise ConfigError(f"model.text_from {text} / model.vision_from {vision}: {e}") from e
+    if model.config != model_config:
+        raise RuntimeError(f"model: the towers built {model.config}, but the run was planned for {model_config}")
+    return model
 
 
 def _read_json(path: Path) -> dict:
@@ -135,6 +154,7 @@ def export_pretrained(engine, model_config, directory: Path, tokenizer=None, bac
 
     def save():
         model = MultimodalGPT(model_config.replace(gradient_checkpointing=False), backend=backend)
+        model.image_processor_config = getattr(engine.module, "image_processor_config", None)
         own = model.state_dict()
         missing = sorted(set(own) - set(state))
         if missing:
