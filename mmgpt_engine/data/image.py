@@ -53,9 +53,17 @@ def normalize(pixels: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(((arr - MEAN) / STD).transpose(2, 0, 1).copy())
 
 
-def preprocess_image(source: ImageSource, size: int, channels: int = 3) -> torch.Tensor:
+def preprocess_image(source: ImageSource, size: int, channels: int = 3, processor=None) -> torch.Tensor:
+    """(channels, size, size); with `processor` (an image_processor.ImageProcessor: a pretrained
+    tower's own steps) its output, which must have that shape."""
     if channels not in (1, 3):
         raise ValueError(f"channels: expected 1 or 3, got {channels}")
+    if processor is not None:
+        out = processor(source)
+        if tuple(out.shape) != (channels, size, size):
+            raise ValueError(f"processor: expected images of shape {(channels, size, size)} (the model's), "
+                             f"got {tuple(out.shape)} from {processor!r}")
+        return out
     img = to_mode(load_image(source), channels)
     w, h = img.size
     scale = size / min(w, h)

@@ -109,3 +109,18 @@ def test_bad_folders_and_options(tmp_path):
     (folder / "preprocessor_config.json").write_text(json.dumps(bad))
     with pytest.raises(ValueError, match="expected size as an int"):
         ImageProcessor.from_pretrained(folder)
+
+
+def test_preprocess_image_takes_the_towers_processor(tmp_path):
+    """The datasets' one entry point: with a processor, its pixels; a size the model does not
+    take is refused, naming both."""
+    from mmgpt_engine.data.image import preprocess_image
+
+    folder = processor_folder(tmp_path, "siglip")          # 40 x 48 outputs
+    proc = ImageProcessor.from_pretrained(folder)
+    img = images()["portrait"]
+    with pytest.raises(ValueError, match=r"processor: expected images of shape \(3, 40, 40\) .* got \(3, 40, 48\)"):
+        preprocess_image(img, 40, 3, processor=proc)
+    square = ImageProcessor(size={"height": 40, "width": 40}, resample=2)
+    assert torch.equal(preprocess_image(img, 40, 3, processor=square), square(img))
+    assert not torch.equal(preprocess_image(img, 40, 3), square(img))  # the default is another pipeline
