@@ -67,7 +67,8 @@ _ACTS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_
 
 
 def _with_defaults(values: dict, defaults: dict) -> dict:
-    return {**defaults, **{k: v for k, v in values.items() if v is not None or k not in defaults}}
+    # a key the file sets to null stays null (Mistral v0.2's "sliding_window": null: no window)
+    return {**defaults, **values}
 
 
 def _unsupported(what: str, folder, key: str, value, expected: str):

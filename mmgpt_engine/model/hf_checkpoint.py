@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -160,7 +160,3 @@ def copy_entries(model: nn.Module, ckpt, entries: Iterable[Entry], prefix: str =
             param.copy_(value)
             filled.add(prefix + e.target)
     return filled
-
-
-def first_present(ckpt, names: Iterable[str]) -> Optional[str]:
-    return next((n for n in names if n in ckpt.keys()), None)

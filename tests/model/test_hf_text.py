@@ -115,6 +115,27 @@ def test_mistral_sliding_window(tmp_path, backend):
             ours(torch.zeros(1, 49, dtype=torch.long))
 
 
+def test_mistral_without_a_window(tmp_path):
+    """Mistral v0.2 and later write "sliding_window": null: full attention, however long."""
+    hf = save_text(tmp_path, "mistral", sliding_window=None)
+    assert json.loads((tmp_path / "config.json").read_text())["sliding_window"] is None
+    ours = MultimodalGPT.from_pretrained_towers(tmp_path, backend="torch")
+    assert ours.config.sliding_window is None
+    assert max_logit_diff(hf, ours, 89, seq=77)[0] < TOL
+
+
+def test_bfloat16_load_holds_the_files_values(tmp_path):
+    """dtype=bfloat16 (a 7B model in half the memory): every weight is the file's, rounded once."""
+    from safetensors.torch import load_file
+
+    save_text(tmp_path, "smollm2")
+    ours = MultimodalGPT.from_pretrained_towers(tmp_path, dtype=torch.bfloat16)
+    assert {p.dtype for p in ours.parameters()} == {torch.bfloat16}
+    files = load_file(str(tmp_path / "model.safetensors"))
+    assert torch.equal(ours.wte.weight, files["model.embed_tokens.weight"].to(torch.bfloat16))
+    assert torch.equal(ours.blocks[1].mlp.down.weight, files["model.layers.1.mlp.down_proj.weight"].to(torch.bfloat16))
+
+
 def test_greedy_generation_with_the_kv_cache_equals_transformers(tmp_path):
     hf = save_text(tmp_path, "llama")
     ours = MultimodalGPT.from_pretrained_towers(tmp_path, backend="torch").eval()
