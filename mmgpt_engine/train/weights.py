@@ -82,6 +82,14 @@ def vision_parameter(name: str) -> bool:
     return name.startswith("vision.")
 
 
+def parameter_part(name: str) -> str:
+    """Which part a parameter belongs to (run.train, optim.lr_per_part): "connector" (the
+    connector, vision.connector.*), "vision" (the encoder, the other vision.*) or "text"."""
+    if name.startswith("vision.connector."):
+        return "connector"
+    return "vision" if vision_parameter(name) else "text"
+
+
 def freeze(model, part: str) -> int:
     """Stop gradients to the vision encoder or the text stack; returns the frozen count."""
     if part == "none":

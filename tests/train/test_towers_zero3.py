@@ -241,5 +241,21 @@ def test_yaml_towers_keys_give_the_towers_config(towers, tmp_path):
         TrainConfig.from_dict({"model": {"text_from": str(towers / "llama"), "conector": "linear"}}).model_config()
 
 
+
+def test_every_parameter_has_a_part(towers):
+    """run.train / optim.lr_per_part name parts: the CLIP tower, the new connector, the text tower."""
+    from mmgpt_engine.model import MultimodalGPT
+    from mmgpt_engine.train.weights import parameter_part
+
+    model = MultimodalGPT.from_pretrained_towers(towers / "llama", towers / "clip")
+    parts = {}
+    for name, p in model.named_parameters():
+        parts.setdefault(parameter_part(name), set()).add(name)
+    assert set(parts) == {"vision", "connector", "text"}
+    assert parts["connector"] == {f"vision.connector.{n}" for n, _ in model.vision.connector.named_parameters()}
+    assert {n.split(".")[1] for n in parts["vision"]} == {"tower"}
+    assert "wte.weight" in parts["text"] and not any(n.startswith("vision.") for n in parts["text"])
+
+
 if __name__ == "__main__":
     raise SystemExit(rank_main())
