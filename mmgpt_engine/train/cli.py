@@ -8,9 +8,10 @@
 
 With no arguments: the tiny preset on the built-in captioned shapes with configs/ds_zero2.json.
 A run goes through named phases (`run`): plan (configuration, environment, data and resume checks:
-fail fast, nothing built) -> init_distributed (process group; a universal conversion if the
-checkpoint needs one) -> build (model + --init_from, data, engine, trainer) -> resume (the
-trainer's load_state_dict) -> train -> finish (export, loss curve, summary). Outputs in
+fail fast, nothing built) -> init_distributed (process group and the watch for lost ranks; a
+universal conversion if the checkpoint needs one) -> build (model + --init_from, data, engine,
+trainer) -> resume (the trainer's load_state_dict) -> train -> finish (export, loss curve,
+summary). Outputs in
 --output_dir: metrics.jsonl, tensorboard/, loss_curve.png, checkpoints/, model/ (fp32 safetensors
 + config).
 """
@@ -25,6 +26,7 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -46,7 +48,7 @@ from .config import (ConfigError, TrainConfig, apply_overrides, default_config_p
                      load_yaml)
 from .ds_config import load_deepspeed_config, lr_lambda, resolve_deepspeed_config, zero_stage
 from .evaluation import Evaluator
-from .faults import NonFiniteGuard, NonFiniteLossError, StopSignal
+from .faults import NonFiniteGuard, NonFiniteLossError, PeerWatch, StopSignal, is_communication_failure
 from .loop import LoopState, Trainer
 from .metrics import MetricsLogger, device_peak_tflops, plot_loss_curve
 from .weights import build_model, export_pretrained, freeze, parameter_groups, register_tied_head
@@ -119,28 +121,43 @@ def load_ds_config(args) -> tuple[dict, str]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     stop = StopSignal().install()  # from the start: a signal during set-up still ends in a clean save
+    peers = PeerWatch()            # started with the process group
+    leaving = "done"               # what this rank tells the others when it leaves
     try:
-        return run(argv, stop)
+        return run(argv, stop, peers)
     except (ConfigError, CheckpointError) as e:
+        leaving = f"{type(e).__name__}: {e}"
         print(f"mmgpt-train: error: {e}", file=sys.stderr, flush=True)
         return 2
     except NonFiniteLossError as e:
+        leaving = f"{type(e).__name__}: {e}"
         print(f"mmgpt-train: stopped: {e}", file=sys.stderr, flush=True)
         return 1
+    except BaseException as e:
+        leaving = f"{type(e).__name__}: {e}"
+        if is_communication_failure(e):
+            peers.collective_failed(e)  # a lost peer ends this process in there, naming it
+        raise
     finally:
+        peers.stop(leaving)
         stop.restore()
         release_shm_workspace()
 
 
-def release_shm_workspace() -> None:
+def release_shm_workspace(lost: Sequence[int] = ()) -> None:
     """On CPU ranks DeepSpeed's shared-memory allreduce creates /dev/shm/deepspeed_allreduce_buffer_
     <uid>_<master addr>_<master port>_<rank> (~66 MB per rank) and never unlinks it, so every run
     would leave its buffers in RAM until /dev/shm fills. Each rank removes its own at exit (the other
-    ranks' mappings of it stay valid until they exit)."""
+    ranks' mappings of it stay valid until they exit), and a survivor those of the `lost` ranks,
+    which were killed before they could: DeepSpeed makes the buffers only when every rank is on
+    this host (LOCAL_SIZE = WORLD_SIZE), so those are this host's too."""
     addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
     if addr and port:
-        rank = os.environ.get("RANK", "0")
-        Path("/dev/shm", f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}").unlink(missing_ok=True)
+        ranks = {os.environ.get("RANK", "0")}
+        if lost and os.environ.get("LOCAL_SIZE") == os.environ.get("WORLD_SIZE"):
+            ranks |= {str(r) for r in lost}
+        for rank in ranks:
+            Path("/dev/shm", f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}").unlink(missing_ok=True)
 
 
 @dataclass
@@ -176,9 +193,9 @@ class BuiltRun:
     device_name: str
 
 
-def run(argv: Optional[Sequence[str]], stop: StopSignal) -> int:
+def run(argv: Optional[Sequence[str]], stop: StopSignal, peers: PeerWatch) -> int:
     plan = plan_run(argv)
-    device = init_distributed(plan)
+    device = init_distributed(plan, peers)
     resume_source = plan.target
     if plan.universal:
         # another world size or ZeRO stage: DeepSpeed's converter, once, on rank 0 (collective)
@@ -189,7 +206,7 @@ def run(argv: Optional[Sequence[str]], stop: StopSignal) -> int:
     if plan.rank == 0:
         announce(plan, built, resume_source)
     state = train(built.trainer)
-    finish(plan, built, state, device)
+    finish(plan, built, state, device, peers)
     return 0
 
 
@@ -231,8 +248,9 @@ def plan_run(argv: Optional[Sequence[str]]) -> RunPlan:
 
 
 # ------------------------------------------------------------------ 2. the process group
-def init_distributed(plan: RunPlan) -> torch.device:
-    """Join the process group (or make a world of one); returns this rank's device."""
+def init_distributed(plan: RunPlan, peers: PeerWatch) -> torch.device:
+    """Join the process group (or make a world of one) and start watching the other ranks (a lost
+    one ends the job, see faults.PeerWatch); returns this rank's device."""
     if not plan.launched:
         preflight.single_process_env()
     if plan.device_type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
@@ -243,15 +261,32 @@ def init_distributed(plan: RunPlan) -> torch.device:
     warnings.filterwarnings("ignore", message=r".* is deprecated\. Please use `torch\.distributed\.",
                             category=FutureWarning)
     acc = plan.accelerator
-    deepspeed.init_distributed(dist_backend=acc.communication_backend_name(), verbose=False)
+    timeout = plan.cfg.run.collective_timeout_s
+    deepspeed.init_distributed(dist_backend=acc.communication_backend_name(), verbose=False,
+                               **({"timeout": timedelta(seconds=timeout)} if timeout is not None else {}))
     if plan.device_type != "cpu":
         acc.set_device(plan.local_rank)
     if plan.args.overwrite_output_dir and plan.target is None and plan.rank == 0:
         for name in ("checkpoints", "tensorboard", "model"):
             shutil.rmtree(plan.output_dir / name, ignore_errors=True)
         (plan.output_dir / "metrics.jsonl").unlink(missing_ok=True)
-    dist.barrier()
+    peers.start(plan.rank, plan.world, plan.cfg.run.peer_timeout_s, describe_resume=lambda: resume_hint(plan.output_dir),
+                cleanup=release_shm_workspace)
+    dist.barrier()  # every rank's first heartbeat is in the store before rank 0 reads them
     return torch.device(acc.current_device_name())
+
+
+def resume_hint(output_dir: Path) -> str:
+    """Where a job that lost a rank continues from (for the lost-peer message)."""
+    try:
+        target = find_resume("auto", output_dir)
+    except CheckpointError:
+        target = None
+    if target is None:
+        return f"No complete checkpoint is in {output_dir / 'checkpoints'} yet: a new run starts from step 0."
+    return (f"The newest complete checkpoint is {target.path} (step {target.meta.get('step')}): continue with --resume "
+            f"auto, also on fewer ranks (another world size goes through a universal checkpoint; raise --grad_accum "
+            f"to keep the global batch).")
 
 
 # ------------------------------------------------------------------ 3. build: data, model, engine, trainer
@@ -321,7 +356,7 @@ def train(trainer: Trainer) -> LoopState:
 
 
 # ------------------------------------------------------------------ 6. export and report
-def finish(plan: RunPlan, built: BuiltRun, state: LoopState, device: torch.device) -> None:
+def finish(plan: RunPlan, built: BuiltRun, state: LoopState, device: torch.device, peers: PeerWatch) -> None:
     """Export the model (a run that was not stopped), write the loss curve and print the summary."""
     cfg, trainer = plan.cfg, built.trainer
     start = trainer.start_step
@@ -335,6 +370,9 @@ def finish(plan: RunPlan, built: BuiltRun, state: LoopState, device: torch.devic
         metrics_path = trainer.metrics.path
         curve = plot_loss_curve(metrics_path, plan.output_dir / "loss_curve.png") if metrics_path.is_file() else None
         _summary(cfg, state, plan.output_dir, exported, curve, time.perf_counter() - trainer.started_at)
+    # the watch ends before the last barrier: after it rank 0 (and the store it hosts) may be gone
+    # while another rank is still on its way out
+    peers.stop("done")
     dist.barrier()
 
 
