@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 from ..ops import IGNORE_INDEX
+from ..tokens import IMAGE_TOKEN_ID
 from .chat import IMAGE_MARKER, ChatTemplate
 
-IMAGE_TOKEN_ID = -200          # input_ids placeholder for the image (LLaVA's IMAGE_TOKEN_INDEX)
 _ROLE_NAMES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 

@@ -37,6 +37,7 @@ NORMS = ("layernorm", "rmsnorm")
 TEXT_BLOCKS = ("gpt", "llama")
 VISION_TYPES = ("vit", "cnn", "clip", "siglip", "none")
 PRETRAINED_VISION = ("clip", "siglip")
+IMAGE_ATTENTION = ("prefix", "causal")
 VISION_ACTS = ("gelu_tanh", "gelu", "quick_gelu")
 FEATURE_SELECTS = ("patch", "full")
 # mlp2x_gelu: LLaVA-1.5's Linear-GELU-Linear; mlp2x_gelu_tanh: the same with tanh GELU (the built-in
@@ -77,6 +78,7 @@ class ModelConfig:
     vision_feature_select: str = "patch"   # "patch": drop the class token (CLIP); "full": keep it
     vision_post_norm: bool = False         # siglip: its post-layernorm over the selected features
     connector: str = "mlp2x_gelu_tanh"
+    image_attention: str = "prefix"        # "prefix": the image (and what precedes it) seen both ways; "causal" (LLaVA)
     pixel_shuffle_factor: int = 2          # the pixel_shuffle connector's factor
     # shared choices
     norm: str = "layernorm"
@@ -111,6 +113,7 @@ class ModelConfig:
         _check_choice("norm", self.norm, NORMS)
         _check_choice("text_block", self.text_block, TEXT_BLOCKS)
         _check_choice("vision_type", self.vision_type, VISION_TYPES)
+        _check_choice("image_attention", self.image_attention, IMAGE_ATTENTION)
         _check_choice("vision_act", self.vision_act, VISION_ACTS)
         _check_choice("vision_feature_select", self.vision_feature_select, FEATURE_SELECTS)
         _check_choice("connector", self.connector, CONNECTORS)

@@ -11,6 +11,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..tokens import IMAGE_TOKEN_ID
+
 
 class KVCache:
     """Per-layer key/value buffers (B, max_len, H_kv, D), filled left to right."""
@@ -57,11 +59,23 @@ def _check_args(model, input_ids, images, max_new_tokens, temperature, top_k, eo
     if eos_token_id is not None and not 0 <= int(eos_token_id) < model.config.vocab_size:
         raise ValueError(f"eos_token_id: expected an id in [0, {model.config.vocab_size}), got {eos_token_id}")
     model.check_inputs(input_ids, images)
-    p = model.config.n_image_tokens if images is not None else 0
-    need = p + input_ids.shape[1] + max_new_tokens
+    need = fused_length(model, input_ids, images) + max_new_tokens
     if need > model.config.max_seq_len:
-        raise ValueError(f"max_new_tokens: image prefix ({p}) + input ({input_ids.shape[1]}) + {max_new_tokens} new "
-                         f"tokens exceeds max_seq_len {model.config.max_seq_len}")
+        raise ValueError(f"max_new_tokens: the input ({need - max_new_tokens} positions with its image tokens) + "
+                         f"{max_new_tokens} new tokens exceeds max_seq_len {model.config.max_seq_len}")
+
+
+def fused_length(model, input_ids: Tensor, images: Optional[Tensor]) -> int:
+    """Positions of the input with its image tokens; rows must agree (they decode in step)."""
+    if images is None:
+        return input_ids.shape[1]
+    placed = (input_ids == IMAGE_TOKEN_ID).sum(1)
+    if not bool(placed.any()):
+        return model.config.n_image_tokens + input_ids.shape[1]
+    if bool((placed != placed[0]).any()):
+        raise ValueError(f"input_ids: every row must hold the same number of image placeholders to decode in step, "
+                         f"got {placed.tolist()}")
+    return input_ids.shape[1] + int(placed[0]) * (model.config.n_image_tokens - 1)
 
 
 @torch.no_grad()
@@ -79,9 +93,8 @@ def generate(model, input_ids: Tensor, images: Optional[Tensor] = None, *, max_n
         cache = None
         if use_cache and max_new_tokens > 0:
             c = model.config
-            p = image_embeds.shape[1] if image_embeds is not None else 0
-            cache = KVCache(c.n_layer, b, p + input_ids.shape[1] + max_new_tokens, c.n_kv_head, c.head_dim,
-                            model.wte.weight.dtype, input_ids.device)
+            cache = KVCache(c.n_layer, b, fused_length(model, input_ids, images) + max_new_tokens, c.n_kv_head,
+                            c.head_dim, model.wte.weight.dtype, input_ids.device)
         step_ids, step_images = input_ids, image_embeds
         for _ in range(max_new_tokens):
             if cache is None:

@@ -1,18 +1,22 @@
-"""MultimodalGPT: a decoder-only GPT that reads an image as a prefix of tokens.
+"""MultimodalGPT: a decoder-only GPT that reads images as tokens, before its text or inside it.
 
     model = MultimodalGPT(ModelConfig.from_preset("tiny"))
     out = model(input_ids, images=images, labels=labels)      # out.loss, out.logits (text positions)
     model = MultimodalGPT.from_pretrained_towers("checkpoints/SmolLM2-135M", "checkpoints/siglip-base-patch16-224")
 
-Sequence: [image tokens (P) | text tokens (T)]. The image tokens see each other both ways, the text
-sees the whole image and earlier text (`ops.flash_attention(..., prefix_len=P)`); no image token
-ever sees text. Without images the model is a plain causal LM (GPT-2, Llama, Mistral or Qwen2
-exactly: `from_hf_gpt2`, `from_pretrained_towers`). Where the image tokens sit is decided in `embed`
-alone (its `_Layout`), so they can move inside the text later without touching the blocks.
+Sequence: [image tokens (P) | text tokens (T)] for captions; a conversation's input_ids instead hold
+IMAGE_TOKEN_ID where its image goes (mmgpt_engine.tokens; the data writes one per `<image>`) and
+the image's P tokens take that place. `image_attention`: "prefix" (the default) lets everything up
+to the end of the image see itself both ways (`ops.flash_attention(..., prefix_len=...)`), the text
+after it causally; "causal" is plain causal attention throughout (LLaVA's, transformers' Llava).
+Without images the model is a plain causal LM (GPT-2, Llama, Mistral or Qwen2 exactly:
+`from_hf_gpt2`, `from_pretrained_towers`). Where the image tokens sit is decided in `embed` alone
+(its `_Layout`); the blocks never know.
 
-Labels follow Hugging Face: aligned with input_ids, ops.IGNORE_INDEX (-100) = not scored; the model shifts them
-(the logits at text position t are scored against labels[t + 1]). Image positions have no logits
-and are never scored.
+Labels follow Hugging Face: aligned with input_ids, ops.IGNORE_INDEX (-100) = not scored; the model
+shifts them (the logits at text position t are scored against labels[t + 1]). Image positions have
+no logits of their own and are never scored: a placeholder's logits are the last image token's,
+which predict the token after the image. A batch may mix samples with and without an image.
 
 Packed batches (flash-attn varlen style): input_ids (1, total) holding several samples back to
 back, `cu_seqlens` int32 [0, t1, t1+t2, ..., total] their text boundaries, images (n_samples, C,
@@ -31,6 +35,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .. import ops
+from ..tokens import IMAGE_TOKEN_ID
 from .blocks import Block, Norm, init_weights, rope_tables
 from .config import ModelConfig
 from .vision import VisionEncoder
@@ -49,13 +54,16 @@ class ModelOutput:
 
 @dataclass
 class _Layout:
-    """Where things sit in the fused [image | text] sequence."""
+    """Where things sit in the fused sequence of image and text tokens."""
     positions: Tensor                    # (1 or B, S) position ids
-    prefix_len: object                   # None, an int, or an int32 tensor (one per packed sample)
+    prefix_len: object                   # None, an int, or an int32 tensor (one per row / packed sample)
     cu_seqlens: Optional[Tensor]         # over the fused sequence, packed batches only
     max_seqlen: Optional[int]
-    n_prefix: int                        # image tokens per sample
-    text_index: Optional[Tensor]         # packed: fused positions of the text tokens
+    n_prefix: int                        # image tokens before each sample's text (the prefix layout)
+    # the fused position whose hidden state stands for each input position: (T,) for a packed
+    # prefix layout, (B, T) where images are placed in the text (their placeholder takes the last
+    # image token's state, which predicts the token after the image); None: text after n_prefix
+    text_index: Optional[Tensor]
 
 
 class MultimodalGPT(nn.Module):
@@ -79,6 +87,10 @@ class MultimodalGPT(nn.Module):
         if self.vision is not None:
             self.vision.reset_parameters()
         self.gradient_checkpointing = c.gradient_checkpointing
+        # a run setting (the trainer turns it on under ZeRO-3): in training, a batch without images
+        # still runs the vision encoder (on a blank image, its output times 0), so that every rank
+        # takes part in the gathers of its partitioned parameters at every step
+        self.vision_every_step = False
         # a pretrained vision tower's preprocessor_config.json (hf.py), saved with the model
         self.image_processor_config: Optional[dict] = None
         self.set_backend(backend)
@@ -124,11 +136,12 @@ class MultimodalGPT(nn.Module):
         self.check_inputs(input_ids, images, labels, cu_seqlens)
         image_embeds = self.vision(images) if images is not None else None
         x, layout = self.embed(input_ids, image_embeds, cu_seqlens)
+        if image_embeds is None and self.vision is not None and self.vision_every_step and self.training:
+            c = self.config
+            blank = x.new_zeros(1, c.in_channels, c.image_size, c.image_size)
+            x = x + 0.0 * self.vision(blank).sum().to(x.dtype)
         y = self.hidden_states(x, layout)
-        if layout.text_index is not None:
-            y_text = y[0, layout.text_index].unsqueeze(0)
-        else:
-            y_text = y[:, layout.n_prefix:]
+        y_text = self.text_states(y, layout)
         if labels is None:
             return ModelOutput(loss=None, logits=self.logits(y_text))
         loss, logits = self.loss_from_hidden(y_text, labels, cu_seqlens)
@@ -149,21 +162,38 @@ class MultimodalGPT(nn.Module):
         loss = ops.cross_entropy(logits, target, ignore_index=ops.IGNORE_INDEX, backend=self._backend)
         return loss, logits
 
+    def text_states(self, y: Tensor, layout: _Layout) -> Tensor:
+        """The hidden states (B, T, d) that stand for the input positions (see `_Layout.text_index`)."""
+        idx = layout.text_index
+        if idx is None:
+            return y[:, layout.n_prefix:]
+        if idx.dim() == 1:
+            return y[0, idx].unsqueeze(0)
+        return y.gather(1, idx.unsqueeze(-1).expand(-1, -1, y.shape[-1]))
+
     def embed(self, input_ids: Tensor, image_embeds: Optional[Tensor] = None, cu_seqlens: Optional[Tensor] = None,
               start: int = 0) -> tuple[Tensor, _Layout]:
-        """The fused [image | text] input (B, S, d) and its layout; `start` offsets the positions
-        (a KV-cached decode step). `image_embeds`: the vision encoder's output for the images."""
+        """The fused input (B, S, d) and its layout; `start` offsets the positions (a KV-cached
+        decode step). `image_embeds`: the vision encoder's output, one (P, d) block per image. An
+        input holding IMAGE_TOKEN_ID gets the k-th image's tokens where its k-th placeholder stands
+        (row by row); otherwise each sample's image is a prefix before its text."""
         b, t = input_ids.shape
         p = image_embeds.shape[1] if image_embeds is not None else 0
-        text = self.wte(input_ids)
         dev = input_ids.device
-        if cu_seqlens is None:
+        prefix_mode = self.config.image_attention == "prefix"
+        if image_embeds is not None and bool((input_ids == IMAGE_TOKEN_ID).any()):
+            x, layout = self._embed_placed(input_ids, image_embeds, cu_seqlens, start)
+            n_positions = start + x.shape[1] if cu_seqlens is None else layout.max_seqlen
+        elif cu_seqlens is None:
+            text = self.wte(input_ids)
             x = text if image_embeds is None else torch.cat([image_embeds.to(text.dtype), text], dim=1)
             positions = torch.arange(start, start + p + t, device=dev).unsqueeze(0)
-            layout = _Layout(positions, p if p else None, None, None, p, None)
+            layout = _Layout(positions, p if p and prefix_mode else None, None, None, p, None)
             n_positions = start + p + t  # known without reading the device
         else:
-            x, layout = self._embed_packed(text, image_embeds, cu_seqlens)
+            x, layout = self._embed_packed(self.wte(input_ids), image_embeds, cu_seqlens)
+            if not prefix_mode:
+                layout.prefix_len = None
             n_positions = layout.max_seqlen
         window = self.config.sliding_window
         if window is not None and n_positions > window and not OPS_HAS_WINDOW:
@@ -176,6 +206,50 @@ class MultimodalGPT(nn.Module):
                                  f"got {n_positions} positions")
             x = x + self.wpe(layout.positions)
         return self.drop(x), layout
+
+    def _embed_placed(self, input_ids: Tensor, image_embeds: Tensor, cu_seqlens: Optional[Tensor], start: int):
+        """Images where their IMAGE_TOKEN_ID placeholders stand; rows padded on the right to the
+        longest fused row (causal attention keeps the padding unseen)."""
+        b, t = input_ids.shape
+        p, dev = image_embeds.shape[1], input_ids.device
+        is_img = input_ids == IMAGE_TOKEN_ID
+        text = self.wte(input_ids.masked_fill(is_img, 0))
+        # token t's fused position: t plus the extra (P - 1) slots of every image before it
+        before = torch.cumsum(is_img.long(), 1) - is_img.long()
+        fused = torch.arange(t, device=dev).unsqueeze(0) + before * (p - 1)
+        length = t + is_img.sum(1) * (p - 1)
+        s = int(length.max())
+        x = text.new_zeros(b, s, text.shape[-1])
+        rows = torch.arange(b, device=dev).unsqueeze(1).expand(b, t)
+        keep = ~is_img
+        x[rows[keep], fused[keep]] = text[keep]
+        img_row, img_col = is_img.nonzero(as_tuple=True)  # row-major: the k-th placeholder is image k
+        slots = fused[img_row, img_col].unsqueeze(1) + torch.arange(p, device=dev)
+        x[img_row.unsqueeze(1).expand(-1, p), slots] = image_embeds.to(text.dtype)
+        text_index = torch.where(is_img, fused + p - 1, fused)
+        prefix_mode = self.config.image_attention == "prefix"
+        # prefix attention: everything up to the end of a row's (last) image is seen both ways
+        image_end = torch.where(is_img, fused + p, torch.zeros_like(fused)).amax(1)
+        if cu_seqlens is None:
+            positions = torch.arange(start, start + s, device=dev).unsqueeze(0).expand(b, s)
+            prefix = image_end.to(torch.int32) if prefix_mode else None
+            return x, _Layout(positions, prefix, None, None, 0, text_index)
+        n = cu_seqlens.numel() - 1
+        cu = cu_seqlens.to(device=dev, dtype=torch.long)
+        seg = torch.searchsorted(cu[1:], torch.arange(t, device=dev), right=True)
+        per_seg = torch.bincount(seg[is_img[0]], minlength=n)
+        fused_cu = torch.cat([cu.new_zeros(1), torch.cumsum((cu[1:] - cu[:-1]) + per_seg * (p - 1), 0)])
+        seg_of = torch.searchsorted(fused_cu[1:], torch.arange(s, device=dev), right=True)
+        positions = torch.arange(s, device=dev) - fused_cu[seg_of]
+        prefix = None
+        if prefix_mode:
+            ends = torch.zeros(n, dtype=torch.long, device=dev)
+            img_pos = fused[0][is_img[0]]
+            ends.scatter_reduce_(0, seg[is_img[0]], img_pos + p - fused_cu[seg[is_img[0]]], reduce="amax")
+            prefix = ends.to(torch.int32)
+        lengths = fused_cu[1:] - fused_cu[:-1]
+        return x, _Layout(positions.unsqueeze(0), prefix, fused_cu.to(torch.int32), int(lengths.max()), 0,
+                          text_index[0])
 
     def _embed_packed(self, text: Tensor, image_embeds: Optional[Tensor], cu_seqlens: Tensor):
         n, t, dev = cu_seqlens.numel() - 1, text.shape[1], text.device
@@ -238,16 +312,21 @@ class MultimodalGPT(nn.Module):
                 raise ValueError(f"input_ids: with cu_seqlens expected one packed row (1, total), "
                                  f"got {tuple(input_ids.shape)}")
             n = cu_seqlens.numel() - 1
+        placeholders = int((input_ids == IMAGE_TOKEN_ID).sum())
+        if placeholders and images is None:
+            raise ValueError(f"images: input_ids hold {placeholders} image placeholder(s) (IMAGE_TOKEN_ID), so "
+                             f"expected as many images, got None")
         if images is not None:
             if self.vision is None:
                 raise ValueError("images: this model has no vision encoder (vision_type 'none'), so expected "
                                  "None, got a tensor")
-            want = (n, c.in_channels, c.image_size, c.image_size)
+            count, what = (placeholders, "one per image placeholder") if placeholders else (n, "one per sample")
+            want = (count, c.in_channels, c.image_size, c.image_size)
             if not isinstance(images, Tensor) or not images.is_floating_point():
                 raise TypeError(f"images: expected a float tensor {want}, got "
                                 f"{images.dtype if isinstance(images, Tensor) else type(images).__name__}")
             if tuple(images.shape) != want:
-                raise ValueError(f"images: expected shape {want} (one image per sample), got {tuple(images.shape)}")
+                raise ValueError(f"images: expected shape {want} ({what}), got {tuple(images.shape)}")
 
     # ------------------------------------------------------------------------- generation, files
     @torch.no_grad()

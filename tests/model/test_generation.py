@@ -83,7 +83,7 @@ def test_sampling_top_k_and_seed():
 def test_generate_checks_its_arguments():
     model = make()
     ids = torch.zeros(1, 2, dtype=torch.long)
-    with pytest.raises(ValueError, match="max_new_tokens: image prefix \\(16\\) \\+ input \\(2\\) \\+ 100 new"):
+    with pytest.raises(ValueError, match=r"max_new_tokens: the input \(18 positions with its image tokens\) \+ 100 new"):
         model.generate(ids, torch.randn(1, 3, 32, 32), max_new_tokens=100)
     with pytest.raises(ValueError, match="temperature: expected a number >= 0"):
         model.generate(ids, temperature=-1.0)
