@@ -160,13 +160,19 @@ def check_messages(messages: Sequence[dict]) -> None:
             raise ValueError(f"messages[{i}]: expected {{'role': one of {list(ROLES)}, 'content': str}}, got {m!r}")
 
 
-def resolve_template(name: Optional[str], tokenizer_folder=None) -> ChatTemplate:
-    """`name` a named template; "tokenizer" (or None) the tokenizer folder's own, which must exist."""
+def resolve_template(name: Optional[str], tokenizer=None) -> ChatTemplate:
+    """`name` a named template; "tokenizer" (or None) the tokenizer's own: `tokenizer` a loaded
+    tokenizer with a `chat_template`, or a tokenizer folder."""
     if name not in (None, "tokenizer"):
         return ChatTemplate.named(name)
-    own = ChatTemplate.from_folder(tokenizer_folder) if tokenizer_folder is not None else None
+    if isinstance(tokenizer, (str, Path)):
+        own = ChatTemplate.from_folder(tokenizer)
+        where = f"in {str(tokenizer)!r}"
+    else:
+        source = getattr(tokenizer, "chat_template", None)
+        own = ChatTemplate(source, f"{getattr(tokenizer, 'source', 'tokenizer')}") if source else None
+        where = f"in the tokenizer {tokenizer!r}" if tokenizer is not None else "(no tokenizer)"
     if own is None:
-        where = f"in {str(tokenizer_folder)!r}" if tokenizer_folder is not None else "(no tokenizer folder)"
         raise ValueError(f"data.chat_template: the tokenizer's own template was asked for, but there is none {where} "
                          f"(no chat_template.jinja or tokenizer_config.json chat_template); name one of "
                          f"{sorted(NAMED_TEMPLATES)}")

@@ -152,3 +152,30 @@ def encode_conversation(tokenizer, template: ChatTemplate, messages: Sequence[di
     if scored == 0:
         raise SkipSample("no_scored_tokens", "no assistant token left to score" + (" after truncation" if truncated else ""))
     return EncodedConversation(ids, labels, scored, truncated)
+
+
+def encode_prompt(tokenizer, template: ChatTemplate, messages: Sequence[dict], *,
+                  special_tokens: Optional[dict] = None) -> list[int]:
+    """The ids that ask for the next assistant reply: `messages` rendered with the generation
+    prompt, one IMAGE_TOKEN_ID per `<image>`, the text between images tokenised whole (as a
+    conversation's pieces must also tokenise, see encode_conversation)."""
+    special = special_tokens_of(tokenizer) if special_tokens is None else special_tokens
+    text = template.render(messages, special, add_generation_prompt=True)
+    ids = []
+    for j, part in enumerate(text.split(IMAGE_MARKER)):
+        if j:
+            ids.append(IMAGE_TOKEN_ID)
+        if part:
+            ids += tokenizer.encode(part)
+    return ids
+
+
+def stop_ids(tokenizer) -> set[int]:
+    """Ids that end a generated reply: eos, and the end-of-turn tokens chat templates use."""
+    ids = {tokenizer.eos_id}
+    inner = getattr(tokenizer, "tokenizer", None)
+    for name in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
+        i = inner.token_to_id(name) if inner is not None and hasattr(inner, "token_to_id") else None
+        if i is not None:
+            ids.add(i)
+    return ids

@@ -102,19 +102,35 @@ def freeze(model, part: str) -> int:
     return n
 
 
-def parameter_groups(model, weight_decay: float) -> list[dict]:
+def train_only(model, parts) -> int:
+    """Keep only the named parts (see parameter_part) trainable; returns the frozen count."""
+    n = 0
+    for name, p in model.named_parameters():
+        if parameter_part(name) not in parts:
+            p.requires_grad_(False)
+            n += p.numel()
+    return n
+
+
+def parameter_groups(model, weight_decay: float, lr_per_part: Optional[dict] = None) -> list[dict]:
     """AdamW groups: decay on matrices (>= 2-d), none on norms, biases and the position tables
-    (nanoGPT's rule, plus the vision position table, a 2-d parameter that is not a weight)."""
-    decay, no_decay = [], []
+    (nanoGPT's rule, plus the vision position table, a 2-d parameter that is not a weight); a part
+    named in `lr_per_part` gets its groups' own `lr` (the schedule scales each group's)."""
+    lr_per_part = lr_per_part or {}
+    groups: dict = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.dim() >= 2 and not name.endswith("pos_embed") and not name.startswith("wpe."):
-            decay.append(p)
-        else:
-            no_decay.append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+        decays = p.dim() >= 2 and not name.endswith("pos_embed") and not name.startswith("wpe.")
+        part = parameter_part(name) if lr_per_part else None
+        key = (part if part in lr_per_part else None, decays)
+        if key not in groups:
+            groups[key] = {"params": [], "weight_decay": weight_decay if decays else 0.0}
+            if key[0] is not None:
+                groups[key]["lr"] = float(lr_per_part[key[0]])
+        groups[key]["params"].append(p)
+    # a stable order: the default-lr groups first, decay before no decay (what checkpoints record)
+    return [groups[k] for k in sorted(groups, key=lambda k: (k[0] or "", not k[1]))]
 
 
 def register_tied_head(model) -> None:
