@@ -10,6 +10,7 @@ vertical jitter, "above"/"below" the same way round.
 """
 from __future__ import annotations
 
+import re
 from typing import Optional
 
 import numpy as np
@@ -105,6 +106,24 @@ def scene_caption(scene: dict) -> str:
     if scene["relation"] is None:
         return describe(objects[0])
     return f"{describe(objects[0])} {scene['relation']} {describe(objects[1])}"
+
+
+_OBJECT = r"a (\w+) (\w+) (\w+)"
+_CAPTION = re.compile(rf"^{_OBJECT}(?: ({'|'.join(RELATIONS)}) {_OBJECT})?$")
+ATTRIBUTES = ("size", "color", "shape", "relation")
+
+
+def parse_caption(text: str) -> Optional[dict]:
+    """The attributes a caption names, {"size": [...], "color": [...], "shape": [...], "relation":
+    [...]} (one entry per object, the relation once), or None when it is not a caption of this
+    grammar (the inverse of scene_caption)."""
+    m = _CAPTION.match(text.strip())
+    if m is None:
+        return None
+    g = m.groups()
+    objects = [g[0:3]] + ([g[4:7]] if g[3] is not None else [])
+    return {"size": [o[0] for o in objects], "color": [o[1] for o in objects], "shape": [o[2] for o in objects],
+            "relation": [g[3]] if g[3] is not None else []}
 
 
 def render_scene(rng: np.random.Generator, image_size: int) -> tuple[Image.Image, str]:

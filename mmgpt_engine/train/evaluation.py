@@ -16,6 +16,8 @@ import torch
 from deepspeed.accelerator import get_accelerator
 
 from ..data import trim_at_eos
+from ..data.conversation import SkipSample, encode_prompt, llava_messages, stop_ids
+from ..data.shapes import ATTRIBUTES, parse_caption
 from ..ops import IGNORE_INDEX
 
 def _rank_samples(dataset, rank: int, world: int, limit: int) -> list:
@@ -93,13 +95,29 @@ def _greedy_through_engine(engine, prompt, images, max_new_tokens: int):
     return ids
 
 
+def attribute_hits(reference: str, generated: str) -> dict[str, tuple[int, int]]:
+    """Per attribute (size, colour, shape, relation): (slots the generated caption got right, slots
+    the reference has); a generated caption outside the grammar gets none right."""
+    ref, got = parse_caption(reference), parse_caption(generated)
+    if ref is None:
+        return {}
+    out = {}
+    for attr in ATTRIBUTES:
+        want = ref[attr]
+        have = got[attr] if got is not None else []
+        out[attr] = (sum(1 for i, w in enumerate(want) if i < len(have) and have[i] == w), len(want))
+    return out
+
+
 @torch.no_grad()
 def caption_accuracy(engine, samples: list, collate, tokenizer, micro: int, device,
-                     max_new_tokens: int) -> tuple[Optional[float], list[tuple[str, str]]]:
-    """(exact-match rate of greedy captions over every rank's samples, a few (reference,
-    generated) pairs from this rank)."""
+                     max_new_tokens: int, keep: int = 0) -> tuple[Optional[float], list, dict]:
+    """(exact-match rate of greedy captions over every rank's samples, this rank's first `keep`
+    (image, reference, generated) triples (at least 3, without the images), per-attribute accuracy
+    over every rank's samples)."""
     partitioned = engine.zero_optimization_partition_weights()
     correct, seen, examples = 0.0, 0.0, []
+    hits = {a: [0.0, 0.0] for a in ATTRIBUTES}
     was_training = engine.module.training
     engine.eval()
     try:
@@ -112,33 +130,110 @@ def caption_accuracy(engine, samples: list, collate, tokenizer, micro: int, devi
             else:
                 out = engine.module.generate(prompt, images=images, max_new_tokens=max_new_tokens, temperature=0.0,
                                              eos_token_id=None, use_cache=True)
-            for row, reference in zip(out[:, 1:].tolist(), batch["text"]):
+            for j, (row, reference) in enumerate(zip(out[:, 1:].tolist(), batch["text"])):
                 text = tokenizer.decode(trim_at_eos(row, tokenizer.eos_id))
                 correct += float(text.strip() == reference.strip())
                 seen += 1
-                if len(examples) < 3:
-                    examples.append((reference, text))
+                for attr, (right, total) in attribute_hits(reference, text).items():
+                    hits[attr][0] += right
+                    hits[attr][1] += total
+                if len(examples) < max(keep, 3):
+                    examples.append((batch["images"][j].cpu() if len(examples) < keep else None, reference, text))
+    finally:
+        engine.train(was_training)
+    totals = _all_sum([correct, seen] + [x for a in ATTRIBUTES for x in hits[a]])
+    correct, seen = totals[:2]
+    per_attr = {a: (totals[2 + 2 * i] / totals[3 + 2 * i] if totals[3 + 2 * i] else None)
+                for i, a in enumerate(ATTRIBUTES)}
+    return (correct / seen if seen else None), examples, per_attr
+
+
+@torch.no_grad()
+def answer_accuracy(engine, questions: list, tokenizer, device, max_new_tokens: int,
+                    blank: bool = False) -> tuple[Optional[float], list[tuple[str, str]]]:
+    """Exact-match rate of greedy replies over every rank's held-out questions (prompt ids with
+    IMAGE_TOKEN_ID, image, reference reply), and a few (reference, reply) pairs from this rank.
+    blank: every image replaced by a blank one (0 after normalisation: the mean grey), so the gap to
+    the real accuracy is what the model reads from the pixels. One question per forward pass, the
+    same number of decode steps everywhere (ZeRO-3 gathers in every forward, see the docstring)."""
+    partitioned = engine.zero_optimization_partition_weights()
+    stops = stop_ids(tokenizer)
+    correct, seen, examples = 0.0, 0.0, []
+    was_training = engine.module.training
+    engine.eval()
+    try:
+        for ids, image, reference in questions:
+            prompt = torch.tensor([ids], dtype=torch.long, device=device)
+            images = None
+            if image is not None:
+                images = (torch.zeros_like(image) if blank else image).unsqueeze(0).to(device)
+            if partitioned:
+                out = _greedy_through_engine(engine, prompt, images, max_new_tokens)
+            else:
+                out = engine.module.generate(prompt, images=images, max_new_tokens=max_new_tokens, temperature=0.0,
+                                             eos_token_id=None, use_cache=True)
+            reply = out[0, len(ids):].tolist()
+            cut = next((i for i, t in enumerate(reply) if t in stops), len(reply))
+            text = tokenizer.decode(reply[:cut]).strip()
+            correct += float(text == reference.strip())
+            seen += 1
+            if len(examples) < 3:
+                examples.append((reference, text))
     finally:
         engine.train(was_training)
     correct, seen = _all_sum([correct, seen])
     return (correct / seen if seen else None), examples
 
 
+def held_out_questions(dataset, rank: int, world: int, limit: int, template, tokenizer, max_len: int,
+                       image_tokens: int) -> list:
+    """This rank's equal share of (prompt ids, image, first reply) from the first held-out
+    conversations that have an image and fit `max_len` with the reply (the same count on every
+    rank: the shares are cut from one list all ranks build alike)."""
+    questions = []
+    for index in range(len(dataset)):
+        if limit > 0 and len(questions) >= limit:
+            break
+        try:
+            record = dataset.record(index)
+            messages, n_images, _ = llava_messages(record)
+            if not n_images:
+                continue
+            first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+            ids = encode_prompt(tokenizer, template, messages[:first])
+            reply = messages[first]["content"]
+            if len(ids) + image_tokens - 1 + len(tokenizer.encode(reply)) + 2 > max_len:
+                continue
+            image = dataset.load(index)["image"]
+        except SkipSample:
+            continue
+        questions.append((ids, image, reply))
+    per_rank = len(questions) // world
+    return questions[rank * per_rank:(rank + 1) * per_rank]
+
+
 class Evaluator:
-    """Holds the held-out shares (drawn once) and runs both measurements."""
+    """Holds the held-out shares (drawn once) and runs the measurements: the validation loss; on
+    the built-in captions, caption exact-match and per-attribute accuracy; on conversations
+    (`questions`), answer accuracy with the images and with them blanked."""
+
+    GRID = 16  # held-out images shown with their captions (rank 0)
 
     def __init__(self, val_dataset, collate, tokenizer, model_config, micro: int, rank: int, world: int,
-                 val_samples: int, caption_samples: int, captions: bool):
-        self.collate, self.tokenizer, self.micro = collate, tokenizer, micro
+                 val_samples: int, caption_samples: int, captions: bool, questions: Optional[list] = None):
+        self.collate, self.tokenizer, self.micro, self.rank = collate, tokenizer, micro, rank
         self.loss_samples = _rank_samples(val_dataset, rank, world, val_samples) if val_dataset is not None else []
         self.caption_samples = []
         if captions and val_dataset is not None and caption_samples > 0:
             self.caption_samples = _rank_samples(val_dataset, rank, world, caption_samples)
-        # room for the longest reference caption plus eos, within the model's text budget
+        self.questions = questions or []
+        # room for the longest reference caption (or reply) plus its end, within the model's budget
         longest = max((s["input_ids"].numel() for s in self.caption_samples), default=1)
+        longest = max([longest] + [len(tokenizer.encode(q[2])) + 2 for q in self.questions])
         t = torch.tensor([longest], dtype=torch.long, device=_comm_device())
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         self.max_new_tokens = max(1, min(int(t.item()), model_config.max_text_len - 1))
+        self.grid: list = []  # (image, reference, generated) from the last run, rank 0
 
     @property
     def enabled(self) -> bool:
@@ -148,8 +243,15 @@ class Evaluator:
         matched, mismatched = validation_loss(engine, self.loss_samples, self.collate, self.micro, device)
         result = {"val_loss": matched, "val_loss_other_images": mismatched}
         if self.caption_samples:
-            acc, examples = caption_accuracy(engine, self.caption_samples, self.collate, self.tokenizer, self.micro,
-                                             device, self.max_new_tokens)
+            acc, examples, per_attr = caption_accuracy(engine, self.caption_samples, self.collate, self.tokenizer,
+                                                       self.micro, device, self.max_new_tokens,
+                                                       keep=self.GRID if self.rank == 0 else 0)
             result["caption_acc"] = acc
-            result["examples"] = examples
+            result.update({f"{a}_acc": v for a, v in per_attr.items() if v is not None})
+            result["examples"] = [(ref, gen) for _, ref, gen in examples]
+            self.grid = [e for e in examples if e[0] is not None]
+        if self.questions:
+            acc, examples = answer_accuracy(engine, self.questions, self.tokenizer, device, self.max_new_tokens)
+            blind, _ = answer_accuracy(engine, self.questions, self.tokenizer, device, self.max_new_tokens, blank=True)
+            result.update(answer_acc=acc, answer_acc_blank_images=blind, examples=examples)
         return result

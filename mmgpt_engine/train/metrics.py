@@ -174,3 +174,45 @@ def plot_loss_curve(metrics_path: Path, out_path: Path) -> Optional[Path]:
     fig.savefig(out_path)
     plt.close(fig)
     return Path(out_path)
+
+
+def plot_caption_grid(examples, out_path: Path, columns: int = 4) -> Optional[Path]:
+    """Held-out images with the caption generated for each, as a PNG: words that match the
+    reference caption (word by word) in green, the others in red, the reference under a caption
+    that is wrong."""
+    if not examples:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..data.image import denormalize
+
+    rows = -(-len(examples) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 3.0 * rows), dpi=110, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (image, reference, generated) in zip(axes.flat, examples):
+        pixels = denormalize(image)
+        ax.imshow(pixels.squeeze(-1) if pixels.shape[-1] == 1 else pixels, cmap="gray", interpolation="nearest")
+        ref, gen = reference.split(), generated.split()
+        y = -0.04
+        # one text object per word, placed left to right, wrapped by hand (matplotlib colours a text whole)
+        x, line = 0.0, 0
+        for i, word in enumerate(gen or ["(nothing)"]):
+            ok = i < len(ref) and word == ref[i] and bool(gen)
+            width = 0.034 * (len(word) + 1)  # a 7-point monospace character, in axes widths
+            if x + width > 1.0 and x > 0:
+                x, line = 0.0, line + 1
+            ax.text(x, y - 0.075 * line, word, transform=ax.transAxes, fontsize=7, va="top",
+                    color="#1a7f37" if ok else "#cf222e", family="monospace")
+            x += width
+        if gen != ref:
+            ax.text(0.0, y - 0.075 * (line + 1), f"want: {reference}", transform=ax.transAxes, fontsize=6, va="top",
+                    color="#57606a", family="monospace", wrap=True)
+    fig.suptitle("held-out images: generated captions (green = right word, red = wrong)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out_path)
+    plt.close(fig)
+    return Path(out_path)
