@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import psutil
@@ -342,6 +343,34 @@ def test_a_survivor_removes_the_shared_memory_of_ranks_lost_on_its_host(monkeypa
     finally:
         for path in names.values():
             path.unlink(missing_ok=True)
+
+
+class _ProcessGroupReached(Exception):
+    pass
+
+
+@pytest.mark.parametrize("setting, timeout", [(None, None), ("30", timedelta(seconds=30))])
+def test_the_collective_timeout_reaches_the_process_group(monkeypatch, tmp_path, setting, timeout):
+    """run.collective_timeout_s is the timeout deepspeed.init_distributed gets (unset: DeepSpeed's own)."""
+    import deepspeed
+
+    from mmgpt_engine.train import cli
+
+    seen = {}
+
+    def init_distributed(**kwargs):
+        seen.update(kwargs)
+        raise _ProcessGroupReached
+
+    monkeypatch.setattr(deepspeed, "init_distributed", init_distributed)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)  # restored after the test: the run sets them for its world of one
+    argv = ["--output_dir", str(tmp_path), *map(str, SMALL_MODEL)]
+    if setting is not None:
+        argv += ["--set", f"run.collective_timeout_s={setting}"]
+    with pytest.raises(_ProcessGroupReached):
+        cli.main(argv)
+    assert seen.get("timeout") == timeout
 
 
 # ------------------------------------------------------------------------------------ the nodes
