@@ -270,8 +270,8 @@ def init_distributed(plan: RunPlan, peers: PeerWatch) -> torch.device:
         for name in ("checkpoints", "tensorboard", "model"):
             shutil.rmtree(plan.output_dir / name, ignore_errors=True)
         (plan.output_dir / "metrics.jsonl").unlink(missing_ok=True)
-    peers.start(plan.rank, plan.world, plan.cfg.run.peer_timeout_s, describe_resume=lambda: resume_hint(plan.output_dir),
-                cleanup=release_shm_workspace)
+    peers.start(plan.rank, plan.world, plan.cfg.run.peer_timeout_s,
+                describe_resume=lambda: resume_hint(plan.output_dir), cleanup=release_shm_workspace)
     dist.barrier()  # every rank's first heartbeat is in the store before rank 0 reads them
     return torch.device(acc.current_device_name())
 
