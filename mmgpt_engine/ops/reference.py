@@ -140,19 +140,29 @@ def attention_keep_mask(
     *,
     causal: bool = False,
     prefix_len=None,
+    window_size=(-1, -1),
     device=None,
 ) -> Optional[torch.Tensor]:
     """Bool mask, True = visible, of shape (s_q, s_k) or (B, s_q, s_k) for a per-batch prefix_len.
 
-    Query i sits at absolute position i + s_k - s_q (bottom-right alignment, as flash-attn >= 2.1).
-    causal: key j visible iff j <= pos(i). prefix_len P (implies causal): additionally visible
-    iff j < P and pos(i) < P, i.e. the first P positions (the image) see each other both ways.
+    Query i sits at absolute position pos(i) = i + s_k - s_q (bottom-right alignment, as flash-attn
+    >= 2.1). window_size (left, right), -1 = unbounded: key j visible iff
+    pos(i) - left <= j <= pos(i) + right. causal sets right = 0. prefix_len P (implies causal):
+    additionally visible iff j < P and pos(i) < P, i.e. the first P positions (the image) see each
+    other both ways whatever the window.
     """
-    if not causal and prefix_len is None:
+    left, right = window_size
+    if causal or prefix_len is not None:
+        right = 0
+    if left < 0 and right < 0:
         return None
     i = torch.arange(s_q, device=device).view(-1, 1) + (s_k - s_q)
     j = torch.arange(s_k, device=device).view(1, -1)
-    keep = j <= i
+    keep = torch.ones(s_q, s_k, dtype=torch.bool, device=device)
+    if right >= 0:
+        keep = keep & (j <= i + right)
+    if left >= 0:
+        keep = keep & (j >= i - left)
     if prefix_len is not None:
         if isinstance(prefix_len, torch.Tensor):
             p = prefix_len.to(device=device, dtype=torch.long).view(-1, 1, 1)
@@ -162,8 +172,20 @@ def attention_keep_mask(
     return keep
 
 
-def _attention_dense(q, k, v, keep, scale):
-    """q (B, Sq, H, D), k/v (B, Sk, Hkv, D), keep broadcastable to (B, H, Sq, Sk) or None."""
+def alibi_bias(slopes: torch.Tensor, s_q: int, s_k: int, dtype: torch.dtype) -> torch.Tensor:
+    """-slope * |pos(i) - j| (flash-attn's ALiBi, pos bottom-right aligned) for slopes (H,) or
+    (B, H): shape (1 or B, H, s_q, s_k) in `dtype`."""
+    i = torch.arange(s_q, device=slopes.device).view(-1, 1) + (s_k - s_q)
+    j = torch.arange(s_k, device=slopes.device).view(1, -1)
+    dist = (i - j).abs().to(dtype)
+    return -slopes.to(dtype).reshape(-1, slopes.shape[-1], 1, 1) * dist
+
+
+def _attention_dense(q, k, v, keep, scale, softcap=0.0, bias=None):
+    """q (B, Sq, H, D), k/v (B, Sk, Hkv, D), keep broadcastable to (B, H, Sq, Sk) or None.
+
+    Scores as flash-attn orders them: q k^T * scale, then softcap * tanh(scores / softcap), then
+    the mask, then the additive bias (ALiBi)."""
     cd = _compute_dtype(q.dtype)
     h, h_kv = q.shape[2], k.shape[2]
     qc, kc, vc = (t.to(cd).transpose(1, 2) for t in (q, k, v))  # (B, H, S, D)
@@ -171,8 +193,12 @@ def _attention_dense(q, k, v, keep, scale):
         kc = kc.repeat_interleave(h // h_kv, dim=1)
         vc = vc.repeat_interleave(h // h_kv, dim=1)
     s = torch.matmul(qc, kc.transpose(-1, -2)) * scale
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
     if keep is not None:
         s = s.masked_fill(~keep, float("-inf"))
+    if bias is not None:
+        s = s + bias
     lse = torch.logsumexp(s, dim=-1)  # -inf on rows with no visible key
     safe_lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     p = torch.exp(s - safe_lse.unsqueeze(-1))
@@ -192,29 +218,50 @@ def flash_attention(
     max_seqlen=None,
     softmax_scale=None,
     return_lse=False,
+    *,
+    cu_seqlens_k=None,
+    max_seqlen_k=None,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
 ):
     """Attention with the same conventions as `ops.flash_attention`, materialising the masks.
 
     q (B, Sq, H, D); k, v (B, Sk, Hkv, D). Returns out (B, Sq, H, D) and, with return_lse, the
     log-sum-exp (B, H, Sq) in float32 (float64 for float64 inputs); a query that sees no key gets
     out = 0 and lse = -inf. With cu_seqlens, B == 1 and each packed sequence attends within itself
-    (causal / prefix_len applied per sequence; a tensor prefix_len gives one value per sequence).
+    (causal / prefix_len / window / ALiBi applied per sequence, bottom-right aligned to its own
+    lengths; a tensor prefix_len or 2-d alibi_slopes give one row per sequence); cu_seqlens_k
+    gives the keys' offsets where they differ from the queries'. window_size (left, right),
+    softcap (> 0 on) and alibi_slopes ((H,) or (B, H)) as in flash-attn (see attention_keep_mask,
+    _attention_dense, alibi_bias). max_seqlen / max_seqlen_k are not needed here.
     """
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    cd = _compute_dtype(q.dtype)
     if cu_seqlens is None:
-        keep = attention_keep_mask(q.shape[1], k.shape[1], causal=causal, prefix_len=prefix_len, device=q.device)
+        keep = attention_keep_mask(q.shape[1], k.shape[1], causal=causal, prefix_len=prefix_len,
+                                   window_size=window_size, device=q.device)
         if keep is not None and keep.dim() == 3:
             keep = keep.unsqueeze(1)  # (B, 1, Sq, Sk)
-        out, lse = _attention_dense(q, k, v, keep, scale)
+        bias = None if alibi_slopes is None else alibi_bias(alibi_slopes, q.shape[1], k.shape[1], cd)
+        out, lse = _attention_dense(q, k, v, keep, scale, softcap, bias)
     else:
-        bounds = cu_seqlens.tolist()
+        bounds_q = cu_seqlens.tolist()
+        bounds_k = bounds_q if cu_seqlens_k is None else cu_seqlens_k.tolist()
         outs, lses = [], []
-        for idx, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        for idx in range(len(bounds_q) - 1):
+            a, b = bounds_q[idx], bounds_q[idx + 1]
+            c, d = bounds_k[idx], bounds_k[idx + 1]
             p = prefix_len
             if isinstance(prefix_len, torch.Tensor):
                 p = int(prefix_len[idx])
-            keep = attention_keep_mask(b - a, b - a, causal=causal, prefix_len=p, device=q.device)
-            o, l_ = _attention_dense(q[:, a:b], k[:, a:b], v[:, a:b], keep, scale)
+            keep = attention_keep_mask(b - a, d - c, causal=causal, prefix_len=p, window_size=window_size,
+                                       device=q.device)
+            bias = None
+            if alibi_slopes is not None:
+                slopes = alibi_slopes if alibi_slopes.dim() == 1 else alibi_slopes[idx]
+                bias = alibi_bias(slopes, b - a, d - c, cd)
+            o, l_ = _attention_dense(q[:, a:b], k[:, c:d], v[:, c:d], keep, scale, softcap, bias)
             outs.append(o)
             lses.append(l_)
         out = torch.cat(outs, dim=1)
