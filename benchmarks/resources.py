@@ -170,25 +170,33 @@ def _attention_kernel(kind: str):
 
 def _attention_pointers(dtype: str) -> dict:
     p = {n: f"*{dtype}" for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
-    p.update(LSE="*fp32", DELTA="*fp32", CU="*i32", PREFIX="*i32")
+    p.update(LSE="*fp32", DELTA="*fp32", CU_Q="*i32", CU_K="*i32", PREFIX="*i32", ALIBI="*fp32")
     return p
 
 
-def _attention_constexprs(head_dim: int, dtype: str, causal: bool, prefix: bool, varlen: bool) -> dict:
-    return dict(HEAD_DIM=head_dim, BLOCK_D=max(16, 1 << (head_dim - 1).bit_length()), CAUSAL=causal or prefix,
-                HAS_PREFIX=prefix, IS_VARLEN=varlen, UPCAST=False, DOT_PREC="ieee" if dtype == "fp32" else "tf32")
+# the attention kernels' float arguments (the rest are ints or pointers)
+ATTENTION_FLOATS = {"qk_scale", "sm_scale", "cap_in", "cap_out"}
 
 
-def _compile_attention(kind, arch, config, head_dim, dtype, causal=True, prefix=True, varlen=False, kept=None):
+def _attention_constexprs(head_dim: int, dtype: str, causal: bool, prefix: bool, varlen: bool, window: bool = False,
+                          softcap: bool = False, alibi: bool = False) -> dict:
+    return dict(HEAD_DIM=head_dim, BLOCK_D=max(16, 1 << (head_dim - 1).bit_length()), RIGHT_BOUND=causal or prefix,
+                LEFT_BOUND=window, HAS_PREFIX=prefix, IS_VARLEN=varlen, HAS_SOFTCAP=softcap, HAS_ALIBI=alibi,
+                UPCAST=False, DOT_PREC="ieee" if dtype == "fp32" else "tf32")
+
+
+def _compile_attention(kind, arch, config, head_dim, dtype, causal=True, prefix=True, varlen=False, kept=None,
+                       window=False, softcap=False, alibi=False):
     from mmgpt_engine.ops.triton import flash_attention as fa
 
     bm, bn, w, s = config
-    constexprs = _attention_constexprs(head_dim, dtype, causal, prefix, varlen)
+    constexprs = _attention_constexprs(head_dim, dtype, causal, prefix, varlen, window, softcap, alibi)
     estimate = fa.smem_estimate(kind, bm, bn, s, constexprs["BLOCK_D"], DTYPES[dtype])
     return compile_triton(_attention_kernel(kind), arch,
-                          dict(constexprs, BLOCK_M=bm, BLOCK_N=bn), _attention_pointers(dtype), {"qk_scale", "sm_scale"},
+                          dict(constexprs, BLOCK_M=bm, BLOCK_N=bn), _attention_pointers(dtype), ATTENTION_FLOATS,
                           w, s, dict(kind=kind, head_dim=head_dim, dtype=dtype, causal=causal, prefix=prefix,
-                                     varlen=varlen, block_m=bm, block_n=bn, smem_estimate=estimate), kept)
+                                     varlen=varlen, window=window, softcap=softcap, alibi=alibi, block_m=bm,
+                                     block_n=bn, smem_estimate=estimate), kept)
 
 
 def kept_configs(kind: str, arch: str, head_dim: int, dtype: str = "bf16") -> list[tuple[tuple, bool]]:
@@ -204,29 +212,42 @@ def kept_configs(kind: str, arch: str, head_dim: int, dtype: str = "bf16") -> li
 
 
 def attention_configs(kind: str, arch: str, head_dim: int, dtype: str = "bf16", *,
-                      until_clean: bool = False) -> Iterator[Resources]:
+                      until_clean: bool = False, **mask) -> Iterator[Resources]:
     """Each config of `kind`'s autotuning table for `arch` (kept ones first), compiled with the
-    causal prefix-LM mask (the most code); until_clean: only the kept ones, up to the first that
-    compiles without spilling."""
+    causal prefix-LM mask (the most code) or `mask` (_compile_attention's flags); until_clean:
+    only the kept ones, up to the first that compiles without spilling."""
     for config, kept in kept_configs(kind, arch, head_dim, dtype):
         if until_clean and not kept:
             return
-        r = _compile_attention(kind, arch, config, head_dim, dtype, kept=kept)
+        r = _compile_attention(kind, arch, config, head_dim, dtype, kept=kept, **mask)
         yield r
         if until_clean and not r.spills:
             return
 
 
+# Mistral's mask, checked for a spill-free kept config too (--quick: at WINDOW_HEAD_DIM)
+WINDOW_MASK = dict(causal=True, prefix=False, window=True)
+WINDOW_HEAD_DIM = 128
+
+
+# (head dim, dtype, causal, prefix, varlen, window, softcap, alibi): every code path once
+ATTENTION_VARIANTS = ((64, "bf16", False, False, False, False, False, False),
+                      (64, "fp16", True, False, False, False, False, False),
+                      (80, "bf16", True, True, True, False, False, False),
+                      (64, "fp32", False, True, True, False, False, False),
+                      (128, "bf16", True, False, True, True, True, True),   # Mistral window + softcap + ALiBi
+                      (64, "fp16", False, False, False, True, False, False))  # a two-sided window
+
+
 def attention_variants(arch: str) -> Iterator[Resources]:
-    """Each attention kernel with the other masks, varlen, fp16 and fp32 and a padded head dim
-    (80), at the first config the pruner keeps: every code path compiles."""
+    """Each attention kernel with the other masks, varlen, the sliding window, softcap and ALiBi,
+    fp16 and fp32 and a padded head dim (80), at the first config the pruner keeps: every code
+    path compiles."""
     for kind in ATTENTION_KINDS:
-        for head_dim, dtype, causal, prefix, varlen in ((64, "bf16", False, False, False),
-                                                        (64, "fp16", True, False, False),
-                                                        (80, "bf16", True, True, True),
-                                                        (64, "fp32", False, True, True)):
+        for head_dim, dtype, causal, prefix, varlen, window, softcap, alibi in ATTENTION_VARIANTS:
             config, kept = kept_configs(kind, arch, head_dim, dtype)[0]
-            yield _compile_attention(kind, arch, config, head_dim, dtype, causal, prefix, varlen, kept)
+            yield _compile_attention(kind, arch, config, head_dim, dtype, causal, prefix, varlen, kept, window,
+                                     softcap, alibi)
 
 
 def attention_delta(arch: str, head_dim: int, dtype: str = "bf16") -> Resources:
@@ -305,17 +326,17 @@ def cuda_kernels(library: Path) -> list[Resources]:
 def describe(r: Resources) -> str:
     v = dict(r.variant)
     if "block_m" in v:
-        mask = "+".join(k for k in ("causal", "prefix", "varlen") if v[k]) or "full"
+        mask = "+".join(k for k in ("causal", "prefix", "varlen", "window", "softcap", "alibi") if v.get(k)) or "full"
         return (f"{v['kind']} d={v['head_dim']} {v['dtype']} {mask} {v['block_m']}x{v['block_n']} "
                 f"w{v['num_warps']} s{v['num_stages']}")
     return " ".join(f"{k}={val}" for k, val in v.items() if k != "num_stages")
 
 
 def _table(rows: list[Resources]) -> str:
-    lines = [f"{'arch':6} {'kernel':34} {'variant':52} {'regs':>4} {'stack':>5} {'smem KB':>7} async wgmma kept"]
+    lines = [f"{'arch':6} {'kernel':34} {'variant':66} {'regs':>4} {'stack':>5} {'smem KB':>7} async wgmma kept"]
     for r in rows:
         kept = "" if r.kept is None else ("yes" if r.kept else "no")
-        name = f"{r.kernel[:34]:34} {describe(r)[:52]:52}" if r.variant else f"{r.kernel[:87]:87}"
+        name = f"{r.kernel[:34]:34} {describe(r)[:66]:66}" if r.variant else f"{r.kernel[:101]:101}"
         triton_cols = f"{r.async_copies:5d} {'yes' if r.wgmma else '':5}" if r.variant else " " * 11
         lines.append(f"{r.arch:6} {name} {r.regs:4d} {r.stack:5d} {r.shared / 1024:7.1f} {triton_cols} {kept}")
     return "\n".join(lines)
@@ -330,8 +351,9 @@ def main(argv=None) -> int:
     parser.add_argument("--library", type=Path, default=None, help="the CUDA extension to read (default: newest build)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows here")
     parser.add_argument("--quick", action="store_true",
-                        help="attention: per kernel only the kept configs up to the first that does not spill, "
-                             "plus every mask/varlen/dtype variant once; memory-bound: rows of 1024 and 16384")
+                        help="attention: per kernel only the kept configs up to the first that does not spill "
+                             "(with the prefix-LM mask, and with the sliding window at head dim 128), plus every "
+                             "mask/option/varlen/dtype variant once; memory-bound: rows of 1024 and 16384")
     args = parser.parse_args(argv)
     archs = [a.strip() for a in args.archs.split(",") if a.strip()]
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
@@ -360,6 +382,9 @@ def main(argv=None) -> int:
                 rows.extend(memory_bound(arch, dtype, sizes=(1024, 16384) if args.quick else (1024, 8192, 16384, 65536)))
         if args.quick and "attention" in only:
             rows.extend(attention_variants(arch))
+            if WINDOW_HEAD_DIM in head_dims:
+                for kind in ATTENTION_KINDS:
+                    rows.extend(attention_configs(kind, arch, WINDOW_HEAD_DIM, "bf16", until_clean=True, **WINDOW_MASK))
     if "cuda" in only:
         library = args.library or newest_cuda_library()
         if library is None:

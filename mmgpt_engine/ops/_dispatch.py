@@ -105,30 +105,47 @@ def kernels(backend: str, op_module: str):
 
 
 _attention_fallback_logged: set = set()
+# flash_attention's options beyond the cuda kernels' contract (ops/attention.py): triton has them all
+ATTENTION_TRITON_ONLY_OPTIONS = ("cu_seqlens_k", "window_size", "softcap", "alibi_slopes")
 
 
-def attention_backend(head_dim: int, dtype: torch.dtype, backend: str, device: torch.device | str | None = None) -> str:
+def attention_backend(head_dim: int, dtype: torch.dtype, backend: str, device: torch.device | str | None = None,
+                      options: tuple[str, ...] = ()) -> str:
     """The backend that runs `flash_attention` where `backend` runs the other ops.
 
     That is `backend` itself, except for the cuda kernels, which are built for the head dims in
-    `cuda.FLASH_HEAD_DIMS` in float16/bfloat16: other head dims and dtypes run on triton (logged
-    once per case). Raises ValueError, saying why, when that fallback cannot run on `device`."""
+    `cuda.FLASH_HEAD_DIMS` in float16/bfloat16 and take none of ATTENTION_TRITON_ONLY_OPTIONS
+    (separate key offsets, a sliding window, softcap, ALiBi): other head dims and dtypes, and a
+    call that uses any of `options` (the names of those in use), run on triton (logged once per
+    case). When that fallback cannot run on `device`, raises ValueError for the head dim / dtype
+    and NotImplementedError naming the option, saying why."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
+    unknown = [o for o in options if o not in ATTENTION_TRITON_ONLY_OPTIONS]
+    if unknown:
+        raise ValueError(f"options: expected names among {list(ATTENTION_TRITON_ONLY_OPTIONS)}, got {unknown}")
     if backend != "cuda":
         return backend
     from .cuda import FLASH_DTYPES, FLASH_HEAD_DIMS
 
-    if head_dim in FLASH_HEAD_DIMS and dtype in FLASH_DTYPES:
+    built_for_it = head_dim in FLASH_HEAD_DIMS and dtype in FLASH_DTYPES
+    if built_for_it and not options:
         return backend
     name = str(dtype).replace("torch.", "")
     built = f"head dims {FLASH_HEAD_DIMS} in {[str(t).replace('torch.', '') for t in FLASH_DTYPES]}"
     reason = unavailable_reason("triton", device)
     if reason is not None:
-        raise ValueError(f"the cuda flash attention is built for {built}, got head dim {head_dim} in {name}, and the "
-                         f"triton fallback is unavailable: {reason}")
-    if (head_dim, dtype) not in _attention_fallback_logged:
-        _attention_fallback_logged.add((head_dim, dtype))
-        logger.warning("flash_attention: the cuda backend is built for %s, got head dim %d in %s; using triton",
-                       built, head_dim, name)
+        if not built_for_it:
+            raise ValueError(f"the cuda flash attention is built for {built}, got head dim {head_dim} in {name}, "
+                             f"and the triton fallback is unavailable: {reason}")
+        raise NotImplementedError(f"{options[0]}: the cuda flash attention does not implement {', '.join(options)}, "
+                                  f"and the triton fallback is unavailable: {reason}")
+    case = (head_dim, dtype) if not built_for_it else tuple(options)
+    if case not in _attention_fallback_logged:
+        _attention_fallback_logged.add(case)
+        if not built_for_it:
+            logger.warning("flash_attention: the cuda backend is built for %s, got head dim %d in %s; using triton",
+                           built, head_dim, name)
+        else:
+            logger.warning("flash_attention: the cuda backend does not implement %s; using triton", ", ".join(options))
     return "triton"

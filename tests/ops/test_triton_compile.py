@@ -65,32 +65,42 @@ def test_every_triton_kernel_compiles_for_sm80_and_sm90(rows):
                      "softmax_bwd_kernel", "cross_entropy_fwd_kernel", "cross_entropy_bwd_kernel"):
             assert (arch, name) in kernels, f"{name} was not compiled for {arch}"
     variants = {(r["arch"], r["variant"]["kind"], r["variant"]["dtype"], r["variant"]["causal"],
-                 r["variant"]["prefix"], r["variant"]["varlen"]) for r in _attention(rows)}
+                 r["variant"]["prefix"], r["variant"]["varlen"], r["variant"]["window"], r["variant"]["softcap"],
+                 r["variant"]["alibi"]) for r in _attention(rows)}
     for arch in FAMILY:
         for kind in ("fwd", "dkdv", "dq"):
-            for dtype, causal, prefix, varlen in (("bf16", False, False, False), ("fp16", True, False, False),
-                                                  ("bf16", True, True, True), ("fp32", False, True, True)):
-                assert (arch, kind, dtype, causal, prefix, varlen) in variants
+            for variant in (("bf16", False, False, False, False, False, False),
+                            ("fp16", True, False, False, False, False, False),
+                            ("bf16", True, True, True, False, False, False),
+                            ("fp32", False, True, True, False, False, False),
+                            ("bf16", True, False, True, True, True, True),     # window + softcap + ALiBi
+                            ("fp16", False, False, False, True, False, False)):  # a two-sided window
+                assert (arch, kind, *variant) in variants, f"{kind} {variant} was not compiled for {arch}"
 
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("triton_compile")
-def test_each_attention_kernel_keeps_a_config_that_does_not_spill(rows):
+@pytest.mark.parametrize("mask,head_dims", [("prefix", HEAD_DIMS), ("window", (128,))])
+def test_each_attention_kernel_keeps_a_config_that_does_not_spill(rows, mask, head_dims):
     """Per arch, kernel and head dim, the configs the pruner keeps are compiled in table order up to
-    the first without register spills: there must be one."""
+    the first without register spills: there must be one. With the causal prefix-LM mask (the
+    most code of the base kernels) at every head dim, and with Mistral's causal sliding window at
+    head dim 128."""
+    want = {"prefix": ("bf16", True, True, False, False), "window": ("bf16", True, False, False, True)}[mask]
     seen = defaultdict(list)
     for r in _attention(rows):
         v = r["variant"]
-        if (v["dtype"], v["causal"], v["prefix"], v["varlen"]) == ("bf16", True, True, False):
+        plain = not (v["softcap"] or v["alibi"])
+        if (v["dtype"], v["causal"], v["prefix"], v["varlen"], v["window"]) == want and plain:
             seen[(r["arch"], v["kind"], v["head_dim"])].append(r)
     for arch in FAMILY:
         for kind in ("fwd", "dkdv", "dq"):
-            for d in HEAD_DIMS:
+            for d in head_dims:
                 compiled = seen[(arch, kind, d)]
                 assert compiled, f"no {kind} config compiled for {arch}, head dim {d}"
                 assert all(r["kept"] for r in compiled)
                 assert compiled[-1]["stack"] == 0, (
-                    f"{arch} {kind} head dim {d}: every config the pruner keeps spills: "
+                    f"{arch} {kind} head dim {d} ({mask}): every config the pruner keeps spills: "
                     + ", ".join(f"{r['variant']['block_m']}x{r['variant']['block_n']} w{r['variant']['num_warps']} "
                                 f"s{r['variant']['num_stages']}: {r['stack']} B" for r in compiled))
 
