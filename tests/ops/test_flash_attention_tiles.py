@@ -5,12 +5,18 @@ Interpreted, the kernels run one pinned config (64x32 forward and dQ, 32x64 dK/d
 autotuner picks among the tables' configs, whose tile edges fall elsewhere (128-row query blocks,
 16-row dK/dV query blocks, 128-key tiles...). The tile-range logic (fully visible tiles without the
 mask, skipped tiles past the diagonal or the prefix edge, ragged last tiles, the longest-first
-order) is exercised here with each of those shapes, so a GPU run does not meet it first.
+order, the sliding window's edges) is exercised here with each of those shapes, so a GPU run does
+not meet it first; and which tiles each program loads is read off the interpreter's loads: exactly
+those that hold a key (for dK/dV a query) some row of the block can see, so a tile wholly outside
+the window is never loaded.
 """
+from collections import defaultdict
+
 import pytest
 import torch
 
-from mmgpt_engine.ops import _dispatch
+from mmgpt_engine import ops
+from mmgpt_engine.ops import _dispatch, reference
 from mmgpt_engine.ops.triton import flash_attention as fa
 from tests.helpers import DEVICE
 from tests.ops.test_flash_attention import _cu, check_attention
@@ -85,3 +91,113 @@ def test_packed_sequences(tiles):
     prefix = torch.tensor([1, 20, 130], dtype=torch.int32, device=DEVICE)
     check_attention("triton", F16, 1, sum(lengths), sum(lengths), 2, 2, 32, cu_seqlens=_cu(lengths),
                     causal=True, prefix_len=prefix)
+
+
+@pytest.mark.xdist_group("attention_tiles")
+def test_causal_sliding_window_with_prefix(tiles):
+    """Mistral's window (edges off every tile grid), S_q < S_k, MQA, and an image prefix that stays
+    bidirectional (one batch element without)."""
+    prefix = torch.tensor([70, 0], dtype=torch.int32, device=DEVICE)
+    check_attention("triton", F16, 2, 150, 230, 2, 1, 32, prefix_len=prefix, window_size=(45, -1))
+
+
+@pytest.mark.xdist_group("attention_tiles")
+def test_two_sided_window_packed_with_separate_keys(tiles):
+    """A non-causal window over packed sequences whose keys outnumber their queries."""
+    lengths_q, lengths_k = [1, 40, 70], [30, 40, 130]
+    check_attention("triton", F32, 1, sum(lengths_q), sum(lengths_k), 2, 1, 40, cu_seqlens=_cu(lengths_q),
+                    cu_seqlens_k=_cu(lengths_k), window_size=(33, 20))
+
+
+class _LoadLog:
+    """The rows of Q and K each program of an interpreted kernel loads (per program on grid axis 1),
+    read off the interpreter's loads."""
+
+    def __init__(self, monkeypatch):
+        from triton.runtime import interpreter
+
+        builder = getattr(interpreter, "interpreter_builder", None)
+        if builder is None or not hasattr(builder, "create_masked_load"):
+            pytest.skip("this triton's interpreter has no interpreter_builder.create_masked_load to watch")
+        self.targets, self.rows = {}, defaultdict(lambda: defaultdict(set))
+        original = builder.create_masked_load
+
+        def load(ptrs, mask, *args, **kwargs):
+            addr = ptrs.data[mask.data] if mask is not None else ptrs.data.ravel()
+            for name, (base, end, row_bytes) in self.targets.items():
+                hit = addr[(addr >= base) & (addr < end)]
+                if hit.size:
+                    self.rows[builder.grid_idx[1]][name].update(((hit - base) // row_bytes).tolist())
+            return original(ptrs, mask, *args, **kwargs)
+
+        monkeypatch.setattr(builder, "create_masked_load", load)
+
+    def watch(self, **tensors):
+        """Watch these (1, S, 1, D) contiguous tensors; forget what was logged."""
+        self.rows.clear()
+        self.targets = {name: (t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(),
+                               t.stride(1) * t.element_size()) for name, t in tensors.items()}
+
+
+class _LoggedTile(_FixedTile):
+    """A _FixedTile whose launches log, per program, the rows of Q and K they load."""
+
+    def __init__(self, kernel, block_m, block_n, log):
+        super().__init__(kernel, block_m, block_n)
+        self.log, self.programs = log, None
+
+    def __getitem__(self, grid):
+        launch = super().__getitem__(grid)
+
+        def logged(q, k, *args, **kwargs):
+            self.log.watch(Q=q, K=k)
+            launch(q, k, *args, **kwargs)
+            self.programs = {pid: {n: set(r) for n, r in rows.items()} for pid, rows in self.log.rows.items()}
+            self.log.targets = {}
+        return logged
+
+
+def _tiles_of(rows, size):
+    return {r // size for r in rows}
+
+
+@pytest.mark.parametrize("s_q,s_k,kwargs", [
+    (300, 300, {"causal": True, "window_size": (40, -1)}),          # Mistral
+    (77, 300, {"window_size": (20, 10)}),                          # both edges, a chunk of queries
+    (300, 300, {"prefix_len": 70, "window_size": (25, -1)}),        # an image prefix before the window
+], ids=str)
+def test_only_tiles_inside_the_window_are_loaded(monkeypatch, s_q, s_k, kwargs):
+    """For every tile shape of the tables: the key tiles each forward / dQ program loads, and the
+    query blocks each dK/dV program loads, are exactly those holding a key (a query) that some
+    row of the block can see (from the float64 reference's mask); the results stay exact."""
+    log = _LoadLog(monkeypatch)
+    keep = reference.attention_keep_mask(s_q, s_k, device="cpu", **kwargs)
+    q, k, v = (torch.randn(1, s, 1, 16, device=DEVICE) for s in (s_q, s_k, s_k))
+    want = reference.flash_attention(q.double(), k.double(), v.double(), **kwargs)
+    for (fm, fn), (km, kn), (qm, qn) in COMBOS:
+        kernels = {"_fwd": _LoggedTile(fa.attention_fwd_kernel, fm, fn, log),
+                   "_dkdv": _LoggedTile(fa.attention_bwd_dkdv_kernel, km, kn, log),
+                   "_dq": _LoggedTile(fa.attention_bwd_dq_kernel, qm, qn, log)}
+        for name, kernel in kernels.items():
+            monkeypatch.setattr(fa, name, kernel)
+        qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+        out = ops.flash_attention(qg, kg, vg, backend="triton", **kwargs)
+        out.sum().backward()
+        torch.testing.assert_close(out.double(), want, rtol=0, atol=1e-5)
+        for name, (bm, bn) in (("_fwd", (fm, fn)), ("_dq", (qm, qn))):
+            programs = kernels[name].programs
+            assert len(programs) == -(-s_q // bm), f"{name} {bm}x{bn}: {len(programs)} programs ran"
+            for rows in programs.values():
+                block = min(rows["Q"]) // bm
+                visible = _tiles_of(keep[block * bm:(block + 1) * bm].any(0).nonzero().flatten().tolist(), bn)
+                loaded = _tiles_of(rows.get("K", ()), bn)
+                assert loaded == visible, (f"{name} {bm}x{bn}, query block {block}: loaded key tiles {sorted(loaded)}, "
+                                           f"visible {sorted(visible)}")
+        programs = kernels["_dkdv"].programs
+        assert len(programs) == -(-s_k // kn)
+        for rows in programs.values():
+            tile = min(rows["K"]) // kn
+            seeing = _tiles_of(keep[:, tile * kn:(tile + 1) * kn].any(1).nonzero().flatten().tolist(), km)
+            loaded = _tiles_of(rows.get("Q", ()), km)
+            assert loaded == seeing, (f"dkdv {km}x{kn}, key tile {tile}: loaded query blocks {sorted(loaded)}, "
+                                      f"seeing it {sorted(seeing)}")
