@@ -30,7 +30,7 @@ OUT ?= benchmarks/results
 SANITIZER ?= $(firstword $(wildcard $(CUDA_HOME)/bin/compute-sanitizer $(CUDA_HOME)/compute-sanitizer/compute-sanitizer) \
   $(shell command -v compute-sanitizer 2>/dev/null))
 
-.PHONY: install test train gpu-check bench clean
+.PHONY: install test train train-vlm gpu-check bench clean
 
 $(VPY):
 	$(PYTHON) -m venv --system-site-packages $(VENV)
@@ -48,6 +48,21 @@ test: $(STAMP)
 
 train: $(STAMP)
 	$(TRAIN_LAUNCH) --module mmgpt_engine.train $(TRAIN_ARGS)
+
+# LLaVA's two stages on tiny towers made here (runs/vlm/towers) and the built-in shapes as
+# conversations (runs/vlm/data): stage 1 trains the connector on captions, stage 2 the connector and
+# the language model on questions and answers, then reports the answer accuracy with and without images.
+VLM_SAMPLES ?= 8000
+train-vlm: $(STAMP)
+	$(VPY) -m mmgpt_engine.train.demo_towers --out runs/vlm/towers
+	for stage in 1 2; do \
+	  $(VPY) -m mmgpt_engine.data.shapes_chat --out runs/vlm/data --stage $$stage --samples $(VLM_SAMPLES) --split train && \
+	  $(VPY) -m mmgpt_engine.data.shapes_chat --out runs/vlm/data --stage $$stage --samples 256 --split val || exit 1; \
+	done
+	$(TRAIN_LAUNCH) --module mmgpt_engine.train --config configs/vlm/tiny_stage1.yaml \
+	  --deepspeed_config configs/llava/zero2.json --resume none --overwrite_output_dir $(TRAIN_ARGS)
+	$(TRAIN_LAUNCH) --module mmgpt_engine.train --config configs/vlm/tiny_stage2.yaml \
+	  --deepspeed_config configs/llava/zero3.json --resume none --overwrite_output_dir $(TRAIN_ARGS)
 
 # On the lent GPU machine: build csrc/ for the card, run the GPU tests, the sanitizers and the quick
 # benchmark sweep; everything written lands in $(OUT).

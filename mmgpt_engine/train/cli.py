@@ -47,11 +47,12 @@ from .checkpoint import (CheckpointError, CheckpointManager, ResumeTarget, compl
 from .config import (ConfigError, TrainConfig, apply_overrides, default_config_path, default_deepspeed_config_path,
                      load_yaml)
 from .ds_config import load_deepspeed_config, lr_lambda, resolve_deepspeed_config, zero_stage
-from .evaluation import Evaluator
-from .faults import NonFiniteGuard, NonFiniteLossError, PeerWatch, StopSignal, is_communication_failure
+from . import conversations
+from .evaluation import Evaluator, held_out_questions
+from .faults import NonFiniteGuard, NonFiniteLossError, PeerWatch, StopSignal, is_communication_failure, on_rank0
 from .loop import LoopState, Trainer
-from .metrics import MetricsLogger, device_peak_tflops, plot_loss_curve
-from .weights import build_model, export_pretrained, freeze, parameter_groups, register_tied_head
+from .metrics import MetricsLogger, device_peak_tflops, plot_caption_grid, plot_loss_curve
+from .weights import build_model, export_pretrained, freeze, parameter_groups, register_tied_head, train_only
 
 # a flag -> the config key it sets
 FLAG_KEYS = {"output_dir": "run.output_dir", "max_steps": "run.max_steps", "save_steps": "run.save_steps",
@@ -105,6 +106,10 @@ def load_config(args) -> TrainConfig:
         value = getattr(args, flag)
         if value is not None:
             cfg.set(key, value)
+    init_from = cfg.run.init_from
+    if cfg.data.tokenizer is None and init_from and any(
+            (Path(init_from) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        cfg.data.tokenizer = init_from  # a model exported by a run brings the tokenizer it was trained with
     cfg.validate()
     return cfg
 
@@ -228,6 +233,10 @@ def plan_run(argv: Optional[Sequence[str]]) -> RunPlan:
     if attention_note and rank == 0:
         print(f"mmgpt-train: {attention_note}", file=sys.stderr, flush=True)
     preflight.check_data(cfg)
+    if cfg.optim.lr_per_part and "scheduler" in ds:
+        raise ConfigError(f"optim.lr_per_part: the DeepSpeed config's scheduler block ({ds_source}) sets one lr for "
+                          f"every parameter group; remove the block (the run's own schedule keeps each part's lr) or "
+                          f"optim.lr_per_part")
     if cfg.run.init_from is not None and not Path(cfg.run.init_from).exists():
         raise ConfigError(f"--init_from: no such file or folder {cfg.run.init_from!r}")
     output_dir = Path(cfg.run.output_dir)
@@ -298,40 +307,80 @@ def build(plan: RunPlan, device: torch.device, stop: StopSignal) -> BuiltRun:
     # needs that model's sizes
     model = build_model(plan.model_config, cfg.run.init_from, cfg.run.backend, written=cfg.model)
     model_config = model.config  # --init_from brings its own sizes; the data must fit them
-    frozen = freeze(model, cfg.run.freeze)
+    frozen = train_only(model, cfg.run.train) if cfg.run.train else freeze(model, cfg.run.freeze)
     n_params = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
     if zero_stage(plan.ds) == 3:
         register_tied_head(model)
+        # every rank runs the vision encoder at every step, images or not (its gathers are collective)
+        model.vision_every_step = model.vision is not None
     tokenizer = get_tokenizer(cfg.data.tokenizer)
     train_set, val_set = build_datasets(cfg, model_config, tokenizer, rank, world)
     collate = make_collate(tokenizer)
+    questions, start_record = None, {}
+    if cfg.data.kind == "llava":
+        start_record = _audit_conversations(train_set, cfg, rank)
+        if val_set is not None and cfg.data.caption_eval_samples > 0:
+            questions = held_out_questions(val_set, rank, world, cfg.data.caption_eval_samples, train_set.template,
+                                           tokenizer, model_config.max_seq_len, train_set.image_tokens)
+        conversations.template_for_export(tokenizer, train_set.template)
     _seed_all(seed + 1000 * (rank + 1))  # then a stream per rank (dropout)
     scheduler = None if "scheduler" in plan.ds else (lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg)))
-    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=parameter_groups(model, cfg.optim.weight_decay),
-                                           config=plan.ds, lr_scheduler=scheduler, dist_init_required=False)
+    groups = parameter_groups(model, cfg.optim.weight_decay, cfg.optim.lr_per_part)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=plan.ds,
+                                           lr_scheduler=scheduler, dist_init_required=False)
     peak, device_name = device_peak_tflops(device)
     trainer = Trainer(
         engine=engine, cfg=cfg, model_config=model_config,
-        batches=build_batches(train_set, collate, cfg.batch.micro_batch_size, rank, world, seed, cfg.data.num_workers,
-                              stall_warning_s=cfg.data.stall_warning_s),
+        batches=_batches(cfg, train_set, collate, rank, world),
         evaluator=Evaluator(val_set, collate, tokenizer, model_config, cfg.batch.micro_batch_size, rank, world,
-                            cfg.data.val_samples, cfg.data.caption_eval_samples, captions=cfg.data.kind == "shapes"),
+                            cfg.data.val_samples, cfg.data.caption_eval_samples, captions=cfg.data.kind == "shapes",
+                            questions=questions),
         checkpoints=CheckpointManager(plan.output_dir, keep=cfg.run.keep_checkpoints,
                                       meta={"tokenizer": tokenizer_fingerprint(tokenizer),
                                             "tokenizer_name": cfg.data.tokenizer or "byte"}),
         metrics=MetricsLogger(plan.output_dir, rank, cfg.run.max_steps, progress=cfg.run.progress),
         device=device, rank=rank, world=world, stop=stop, guard=NonFiniteGuard(cfg.run.max_nonfinite),
-        peak_tflops=peak)
+        peak_tflops=peak, start_record=start_record)
     return BuiltRun(engine=engine, trainer=trainer, tokenizer=tokenizer, model_config=model_config,
                     n_params=n_params, frozen=frozen, device_name=device_name)
 
 
+def _batches(cfg: TrainConfig, train_set, collate, rank: int, world: int):
+    b = cfg.batch
+    group = b.micro_batch_size * b.grad_accum * world if cfg.data.group_by_modality_length else None
+    try:
+        return build_batches(train_set, collate, b.micro_batch_size, rank, world, cfg.run.seed, cfg.data.num_workers,
+                             stall_warning_s=cfg.data.stall_warning_s, modality_group=group)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _audit_conversations(train_set, cfg: TrainConfig, rank: int) -> dict:
+    """Rank 0 renders the audited share and prints what the loss will see; a run over
+    data.max_unscorable_fraction stops on every rank. Returns the counts for metrics.jsonl."""
+    def run_audit():
+        report, lines = conversations.audit(train_set, cfg)
+        print("\n".join(f"mmgpt-train: {line}" if i == 0 else line for i, line in enumerate(lines)),
+              file=sys.stderr, flush=True)
+        return report
+
+    report = on_rank0(run_audit, "the data audit", ConfigError)
+    counts = [report] if rank == 0 else [None]
+    dist.broadcast_object_list(counts, src=0)
+    report = counts[0]
+    return {"audit_samples": report["samples"], "audit_scored_tokens": report["scored_tokens"],
+            "audit_unscorable": sum(report["skipped"].values()), "audit_truncated": report["truncated"]}
+
+
 def build_datasets(cfg: TrainConfig, model_config: ModelConfig, tokenizer, rank: int, world: int):
     """(train set, held-out set or None), sized for the model: its image size and channels, and
-    the text positions its sequence leaves after the image prefix."""
+    the text positions its sequence leaves after the image prefix (conversations: their whole
+    sequence, the image tokens counted where they stand)."""
     if tokenizer.vocab_size > model_config.vocab_size:
         raise ConfigError(f"data.tokenizer: its {tokenizer.vocab_size} ids do not fit model.vocab_size "
                           f"{model_config.vocab_size}; set vocab_size >= {tokenizer.vocab_size}")
+    if cfg.data.kind == "llava":
+        return conversations.conversation_datasets(cfg, model_config, tokenizer)
     d = cfg.data
     common = dict(tokenizer=tokenizer, image_size=model_config.image_size, in_channels=model_config.in_channels,
                   max_text_len=model_config.max_text_len, seed=cfg.run.seed, rank=rank, world_size=world, **d.options)
@@ -369,7 +418,8 @@ def finish(plan: RunPlan, built: BuiltRun, state: LoopState, device: torch.devic
     if plan.rank == 0:
         metrics_path = trainer.metrics.path
         curve = plot_loss_curve(metrics_path, plan.output_dir / "loss_curve.png") if metrics_path.is_file() else None
-        _summary(cfg, state, plan.output_dir, exported, curve, time.perf_counter() - trainer.started_at)
+        grid = plot_caption_grid(trainer.evaluator.grid, plan.output_dir / "captions.png")
+        _summary(cfg, state, plan.output_dir, exported, curve, time.perf_counter() - trainer.started_at, grid)
     # the watch ends before the last barrier: after it rank 0 (and the store it hosts) may be gone
     # while another rank is still on its way out
     peers.stop("done")
@@ -385,12 +435,16 @@ def announce(plan: RunPlan, built: BuiltRun, resume_source: Optional[ResumeTarge
     built.trainer.metrics.write(
         f"mmgpt-train: {plan.world} rank(s) on {built.device_name} ({plan.accelerator.communication_backend_name()}), "
         f"ZeRO stage {zero_stage(plan.ds)}, {cfg.run.precision}, {built.n_params / 1e6:.2f}M parameters"
-        f"{f' ({frozen / 1e6:.2f}M frozen: {cfg.run.freeze})' if frozen else ''}, batch "
+        f"{f' ({frozen / 1e6:.2f}M frozen: {_frozen_what(cfg)})' if frozen else ''}, batch "
         f"{cfg.batch.micro_batch_size} x {cfg.batch.grad_accum} accum x {plan.world} = "
         f"{cfg.batch.global_batch_size}, {cfg.run.max_steps} steps"
         + (f", resuming from {target.path} at step {start}" if target is not None else "")
         + (_converted_note(resume_source) if plan.universal and resume_source is not target else "")
         + (f", weights from {init_from}" if init_from and target is None else ""))
+
+
+def _frozen_what(cfg: TrainConfig) -> str:
+    return f"all but {', '.join(cfg.run.train)}" if cfg.run.train else cfg.run.freeze
 
 
 def _converted_note(source) -> str:
@@ -409,7 +463,7 @@ def _write_run_files(output_dir: Path, cfg: TrainConfig, ds: dict) -> None:
     (output_dir / "ds_config.json").write_text(json.dumps(ds, indent=2) + "\n")
 
 
-def _summary(cfg, state, output_dir: Path, exported, curve, seconds: float) -> None:
+def _summary(cfg, state, output_dir: Path, exported, curve, seconds: float, grid=None) -> None:
     ev = state.last_eval or {}
     lines = [f"mmgpt-train: {'stopped by ' + state.stopped_by if state.stopped_by else 'done'} at step {state.step} "
              f"in {seconds:.0f} s"]
@@ -420,9 +474,19 @@ def _summary(cfg, state, output_dir: Path, exported, curve, seconds: float) -> N
                      f"the pixels)")
     if ev.get("caption_acc") is not None:
         lines.append(f"  caption exact-match {100 * ev['caption_acc']:.1f}%")
+        per_attr = [f"{a} {100 * ev[f'{a}_acc']:.1f}%" for a in ("size", "color", "shape", "relation")
+                    if ev.get(f"{a}_acc") is not None]
+        if per_attr:
+            lines.append(f"    per attribute     {', '.join(per_attr)}")
+    if ev.get("answer_acc") is not None:
+        lines.append(f"  answer exact-match  {100 * ev['answer_acc']:.1f}% on held-out images, "
+                     f"{100 * (ev.get('answer_acc_blank_images') or 0):.1f}% with the images blanked (the gap is "
+                     f"what the model reads from the pixels)")
     lines.append(f"  metrics             {output_dir / 'metrics.jsonl'} (TensorBoard: {output_dir / 'tensorboard'})")
     if curve is not None:
         lines.append(f"  loss curve          {curve}")
+    if grid is not None:
+        lines.append(f"  captions            {grid} (held-out images, wrong words in red)")
     lines.append(f"  checkpoints         {output_dir / 'checkpoints'} (continue: --resume auto)")
     if exported is not None:
         lines.append(f"  model               {exported} (caption an image: python -m mmgpt_engine.generate "

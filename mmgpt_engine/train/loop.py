@@ -67,11 +67,13 @@ def _device_batch(batch: dict, device) -> dict:
 
 class Trainer:
     def __init__(self, *, engine, cfg, model_config, batches, evaluator, checkpoints, metrics, device, rank: int,
-                 world: int, stop: StopSignal, guard: NonFiniteGuard, peak_tflops: Optional[float]):
+                 world: int, stop: StopSignal, guard: NonFiniteGuard, peak_tflops: Optional[float],
+                 start_record: Optional[dict] = None):
         self.engine, self.cfg, self.model_config = engine, cfg, model_config
         self.batches, self.evaluator, self.checkpoints, self.metrics = batches, evaluator, checkpoints, metrics
         self.device, self.rank, self.world = device, rank, world
         self.stop, self.guard, self.peak_tflops = stop, guard, peak_tflops
+        self.start_record = dict(start_record or {})  # logged once when the loop starts (e.g. the data audit)
         self.state = LoopState()
         self.start_step = 0
         self.started_at = time.perf_counter()
@@ -163,6 +165,8 @@ class Trainer:
         r = cfg.run
         self.start_step, self.started_at = st.step, time.perf_counter()
         self.metrics.open(st.step)
+        if self.start_record:
+            self.metrics.log({"step": st.step, **self.start_record})
         engine.train()
         overflow_before = getattr(engine, "skipped_steps", 0)
         while st.step < r.max_steps:

@@ -30,10 +30,11 @@ def check_data(cfg: TrainConfig) -> None:
         if spec is None:
             continue
         spec = spec.replace("{split}", split)
-        if d.kind == "jsonl":
+        if d.kind in ("jsonl", "llava"):
             path = Path(spec)
             if not path.is_file():
-                raise ConfigError(f"{key}: expected a JSONL manifest file, got {spec!r} (no such file)")
+                what = "a JSONL manifest file" if d.kind == "jsonl" else "a LLaVA JSON/JSONL file or mixture YAML"
+                raise ConfigError(f"{key}: expected {what}, got {spec!r} (no such file)")
             if not os.access(path, os.R_OK):
                 raise ConfigError(f"{key}: {spec!r} is not readable")
         else:
