@@ -127,6 +127,20 @@ class HFTokenizer:
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
+    def token_id(self, token: str) -> Optional[int]:
+        """The id of `token` in the vocabulary (added tokens included), or None."""
+        return self.tokenizer.token_to_id(token)
+
+    def add_special_token(self, token: str) -> int:
+        """Make `token` a special token (matched whole before any splitting, skipped when decoding
+        with skip_special_tokens) and return its id: its own when the vocabulary holds it, else
+        the next free one (the llava-hf export adds "<image>" so)."""
+        from tokenizers import AddedToken
+
+        self.tokenizer.add_special_tokens([AddedToken(token, special=True, normalized=False)])
+        self.vocab_size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        return self.tokenizer.token_to_id(token)
+
     def save_pretrained(self, directory) -> None:
         """tokenizer.json + a tokenizer_config.json that transformers reads too (special tokens, chat template)."""
         Path(directory).mkdir(parents=True, exist_ok=True)

@@ -62,8 +62,9 @@ _VISION_DEFAULTS = {
                    num_channels=3, image_size=224, patch_size=16, hidden_act="gelu_pytorch_tanh",
                    layer_norm_eps=1e-6),
 }
-# Hugging Face activation names -> ours (gelu_new is the tanh formula, as gelu_pytorch_tanh)
-_ACTS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
+# Hugging Face activation names -> ours (gelu_new is the tanh formula, as gelu_pytorch_tanh); the first
+# name of each is what hf_export.py writes back
+HF_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 
 
 def _with_defaults(values: dict, defaults: dict) -> dict:
@@ -152,12 +153,12 @@ def vision_config_values(hf: dict, folder) -> dict:
                          f"{list(VISION_MODEL_TYPES)}")
     v = (hf.get("vision_config") or {}) if model_type == family else hf
     v = _with_defaults(v, _VISION_DEFAULTS[family])
-    if v["hidden_act"] not in _ACTS:
-        raise _unsupported("vision", folder, "hidden_act", v["hidden_act"], f"one of {list(_ACTS)}")
+    if v["hidden_act"] not in HF_ACTIVATIONS:
+        raise _unsupported("vision", folder, "hidden_act", v["hidden_act"], f"one of {list(HF_ACTIVATIONS)}")
     return dict(vision_type=family, image_size=int(v["image_size"]), patch_size=int(v["patch_size"]),
                 in_channels=int(v["num_channels"]), vision_layers=int(v["num_hidden_layers"]),
                 vision_width=int(v["hidden_size"]), vision_heads=int(v["num_attention_heads"]),
-                vision_mlp_hidden=int(v["intermediate_size"]), vision_act=_ACTS[v["hidden_act"]],
+                vision_mlp_hidden=int(v["intermediate_size"]), vision_act=HF_ACTIVATIONS[v["hidden_act"]],
                 vision_norm_eps=float(v["layer_norm_eps"]))
 
 
