@@ -3,6 +3,8 @@
 The prompt ([image | text]) runs once through the model (the prefill, prefix-LM mask) and fills
 the cache; each later step feeds one token, whose query attends to every cached key: a causal
 `ops.flash_attention` call with S_q = 1 < S_k, bottom-right aligned, so it sees all of them.
+`eos_token_id` is one id or several (a chat model's eos and its end-of-turn token, e.g. <|im_end|>):
+a row stops at the first of them it emits.
 """
 from __future__ import annotations
 
@@ -56,13 +58,29 @@ def _check_args(model, input_ids, images, max_new_tokens, temperature, top_k, eo
         raise ValueError(f"temperature: expected a number >= 0 (0 = greedy), got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k: expected an int >= 1 or None, got {top_k!r}")
-    if eos_token_id is not None and not 0 <= int(eos_token_id) < model.config.vocab_size:
-        raise ValueError(f"eos_token_id: expected an id in [0, {model.config.vocab_size}), got {eos_token_id}")
+    for stop in stop_list(eos_token_id):
+        if not 0 <= stop < model.config.vocab_size:
+            raise ValueError(f"eos_token_id: expected ids in [0, {model.config.vocab_size}), got {eos_token_id}")
     model.check_inputs(input_ids, images)
     need = fused_length(model, input_ids, images) + max_new_tokens
     if need > model.config.max_seq_len:
         raise ValueError(f"max_new_tokens: the input ({need - max_new_tokens} positions with its image tokens) + "
                          f"{max_new_tokens} new tokens exceeds max_seq_len {model.config.max_seq_len}")
+
+
+def stop_list(eos_token_id) -> list[int]:
+    """eos_token_id as a list: None -> [], an id -> [id], several ids (a chat model's eos and its
+    end-of-turn token) -> them, in order (a stopped row is padded with the first)."""
+    if eos_token_id is None:
+        return []
+    if isinstance(eos_token_id, bool):
+        raise TypeError(f"eos_token_id: expected an int, a sequence of ints or None, got {eos_token_id!r}")
+    if isinstance(eos_token_id, int):
+        return [eos_token_id]
+    try:
+        return [int(i) for i in eos_token_id]
+    except TypeError:
+        raise TypeError(f"eos_token_id: expected an int, a sequence of ints or None, got {eos_token_id!r}") from None
 
 
 def fused_length(model, input_ids: Tensor, images: Optional[Tensor]) -> int:
@@ -80,7 +98,7 @@ def fused_length(model, input_ids: Tensor, images: Optional[Tensor]) -> int:
 
 @torch.no_grad()
 def generate(model, input_ids: Tensor, images: Optional[Tensor] = None, *, max_new_tokens: int = 32,
-             temperature: float = 0.0, top_k: Optional[int] = None, eos_token_id: Optional[int] = None,
+             temperature: float = 0.0, top_k: Optional[int] = None, eos_token_id=None,
              use_cache: bool = True, generator: Optional[torch.Generator] = None) -> Tensor:
     _check_args(model, input_ids, images, max_new_tokens, temperature, top_k, eos_token_id)
     was_training = model.training
@@ -96,6 +114,8 @@ def generate(model, input_ids: Tensor, images: Optional[Tensor] = None, *, max_n
             cache = KVCache(c.n_layer, b, fused_length(model, input_ids, images) + max_new_tokens, c.n_kv_head,
                             c.head_dim, model.wte.weight.dtype, input_ids.device)
         step_ids, step_images = input_ids, image_embeds
+        stops = stop_list(eos_token_id)
+        stop_ids = torch.tensor(stops, dtype=torch.long, device=input_ids.device)
         for _ in range(max_new_tokens):
             if cache is None:
                 x, layout = model.embed(out, image_embeds)
@@ -106,12 +126,12 @@ def generate(model, input_ids: Tensor, images: Optional[Tensor] = None, *, max_n
                 cache.advance(x.shape[1])
             logits = model.logits(y[:, -1])
             token = _next_token(logits, temperature, top_k, generator)
-            if eos_token_id is not None:
-                token = torch.where(done, torch.full_like(token, eos_token_id), token)
-                done = done | (token == eos_token_id)
+            if stops:
+                token = torch.where(done, torch.full_like(token, stops[0]), token)
+                done = done | torch.isin(token, stop_ids)
             out = torch.cat([out, token.unsqueeze(1).to(out.dtype)], dim=1)
             step_ids, step_images = token.unsqueeze(1).to(out.dtype), None
-            if eos_token_id is not None and bool(done.all()):
+            if stops and bool(done.all()):
                 break
         return out
     finally:
