@@ -12,6 +12,9 @@ architecture refuses (see csrc/emulation/emu.h).
 `build(sanitize="address" | "thread")` compiles the kernels for AddressSanitizer + UBSan (memcheck's
 stand-in) or ThreadSanitizer (racecheck's: every CUDA thread a TSan fiber ordered only by barriers);
 such a library loads only in a process started with `sanitizer_env(mode, log)` in its environment.
+`build(sanitize="count")` instruments every load and store of the kernels (csrc/emulation/traffic.cpp)
+and loads anywhere: within `ext.counting()` each call records the global-memory bytes every launch
+reads and writes in each tensor of the call (the IO audit, benchmarks/io_audit.py).
 `build(sources=[...])` emulates other .cu files (e.g. test kernels) instead of csrc's.
 """
 from __future__ import annotations
@@ -19,13 +22,15 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import ctypes
+import functools
 import hashlib
 import os
 import re
 import shutil
 import subprocess
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Mapping, Optional, TypeVar
 
 import torch
 
@@ -33,11 +38,16 @@ from mmgpt_engine.ops import _cuda_build as cfg
 
 SANITIZE_ENV_VAR = "MMGPT_EMU_SANITIZE"
 _ASAN = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
+# count: GCC's kernel-address instrumentation as plain calls (no shadow memory, no stack or global
+# redzones), which the runtime's hooks turn into byte counts; the link proves every hook is defined
+_COUNT = ["-fsanitize=kernel-address", "--param=asan-instrumentation-with-call-threshold=0", "--param=asan-stack=0",
+          "--param=asan-globals=0"]
 # flags of the kernels, of the emulator runtime, of the link
 SANITIZE_BUILDS = {
     "": ([], [], []),
     "address": (_ASAN, _ASAN, _ASAN),
     "thread": (["-fsanitize=thread", "-DMMGPT_EMU_TSAN"], ["-DMMGPT_EMU_TSAN"], ["-fsanitize=thread"]),
+    "count": (_COUNT, ["-DMMGPT_EMU_COUNT"], ["-Wl,--no-undefined"]),
 }
 # the sanitizer's runtime library, its environment ({log}: where reports go), what a report starts with
 SANITIZER_RUNS = {
@@ -47,7 +57,7 @@ SANITIZER_RUNS = {
     "thread": ("libtsan.so", {"TSAN_OPTIONS": "log_path={log}:report_signal_unsafe=0", "OMP_NUM_THREADS": "1"},
                ("WARNING: ThreadSanitizer",)),
 }
-RUNTIME_UNITS = ("runtime.cpp", "warp.cpp", "device.cpp")  # csrc/emulation: the emulator itself
+RUNTIME_UNITS = ("runtime.cpp", "warp.cpp", "device.cpp", "traffic.cpp")  # csrc/emulation: the emulator itself
 KERNEL_ENTRY_POINTS = "entry_points.cpp"                     # csrc/emulation: the launchers for ctypes
 
 DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3, torch.bool: 4}
@@ -59,10 +69,10 @@ class EmulatorUnavailable(RuntimeError):
 
 
 def sanitize_from_env() -> str:
-    """$MMGPT_EMU_SANITIZE: '' (unset), 'address' or 'thread'."""
+    """$MMGPT_EMU_SANITIZE: '' (unset), 'address', 'thread' or 'count'."""
     mode = os.environ.get(SANITIZE_ENV_VAR, "")
     if mode not in SANITIZE_BUILDS:
-        raise ValueError(f"{SANITIZE_ENV_VAR}: expected unset, 'address' or 'thread', got {mode!r}")
+        raise ValueError(f"{SANITIZE_ENV_VAR}: expected unset, 'address', 'thread' or 'count', got {mode!r}")
     return mode
 
 
@@ -72,7 +82,7 @@ def library_path(sanitize: Optional[str] = None, sources: Optional[Iterable[Path
     by content under the build cache (cfg.cache_root()); returns its path."""
     sanitize = sanitize_from_env() if sanitize is None else sanitize
     if sanitize not in SANITIZE_BUILDS:
-        raise ValueError(f"sanitize: expected '', 'address' or 'thread', got {sanitize!r}")
+        raise ValueError(f"sanitize: expected '', 'address', 'thread' or 'count', got {sanitize!r}")
     csrc, cuda_home, cxx = cfg.csrc_dir(), cfg.find_cuda_home(), shutil.which("g++") or shutil.which("c++")
     if csrc is None or cuda_home is None or cxx is None:
         raise EmulatorUnavailable("the CUDA emulator needs csrc/, the CUDA headers (a toolkit) and a host C++ compiler")
@@ -118,7 +128,7 @@ def build(sanitize: Optional[str] = None, arch: str = "sm_90", *, sm_count: int 
           sources: Optional[Iterable[Path]] = None) -> ctypes.CDLL:
     """The emulator library (see library_path), loaded, with an `arch` device current.
 
-    sanitize: None ($MMGPT_EMU_SANITIZE), '', 'address' or 'thread'; arch: 'sm_80', 'sm_86', ...
+    sanitize: None ($MMGPT_EMU_SANITIZE), '', 'address', 'thread' or 'count'; arch: 'sm_80', 'sm_86', ...
     (archs(lib) lists them), a cheap runtime setting of the same library (use_device)."""
     lib = ctypes.CDLL(str(library_path(sanitize, sources)))
     for name, restype in (("mmgpt_emu_error_message", ctypes.c_char_p), ("mmgpt_emu_calls", ctypes.c_int64)):
@@ -126,6 +136,9 @@ def build(sanitize: Optional[str] = None, arch: str = "sm_90", *, sm_count: int 
     if hasattr(lib, "mmgpt_emu_sizeof"):
         lib.mmgpt_emu_sizeof.restype = ctypes.c_int64
         lib.mmgpt_emu_norm_bwd_workspace.restype = ctypes.c_int64
+    lib.mmgpt_emu_traffic_watch.argtypes = [ctypes.c_void_p, ctypes.c_int64]
+    lib.mmgpt_emu_traffic_launches.restype = ctypes.c_int64
+    lib.mmgpt_emu_traffic_bytes.restype = ctypes.c_int64
     use_device(lib, arch, sm_count)
     return lib
 
@@ -185,6 +198,149 @@ def _gcc_library(name: str) -> Optional[str]:
         return None
     path = subprocess.run([cxx, f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
     return path if os.path.isabs(path) and os.path.exists(path) else None
+
+
+# ----------------------------------------------------------------------- global-memory traffic
+class _TrafficLaunch(ctypes.Structure):  # csrc/emulation/traffic.cpp
+    _fields_ = [("kernel_offset", _I64), ("file", ctypes.c_char_p), ("line", _I32), ("grid", ctypes.c_uint * 3),
+                ("block", ctypes.c_uint * 3), ("smem", _I64)]
+
+
+@dataclass
+class Launch:
+    """One emulated launch and the global-memory bytes it read and wrote, per tensor of its call."""
+    call: str                 # the launcher, e.g. 'norm_fwd'
+    kernel: str               # e.g. 'norm_fwd_kernel<__half, 2, true>'
+    site: str                 # where it was launched, e.g. 'norms.cu:318'
+    grid: tuple
+    block: tuple
+    smem: int                 # dynamic shared memory, bytes
+    read: dict = field(default_factory=dict)     # tensor label -> bytes
+    written: dict = field(default_factory=dict)
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.read.values()) + sum(self.written.values())
+
+
+_R = TypeVar("_R")
+
+
+class Traffic:
+    """The launches recorded by `record` (EmulatedExtension.counting records every call): per launch,
+    the bytes each watched tensor had read and written by the kernel (counting build only)."""
+
+    def __init__(self, lib: ctypes.CDLL):
+        if not lib.mmgpt_emu_traffic_counting():
+            raise ValueError("lib: expected an emulator built to count memory accesses (build(sanitize='count')), "
+                             "got one whose kernels are not instrumented")
+        self.lib = lib
+        self.launches: list[Launch] = []
+
+    def record(self, call: str, tensors: Mapping[str, Optional[torch.Tensor]], run: Callable[[], _R]) -> _R:
+        """run(), counting the bytes its launches move in each of `tensors` (label -> tensor; None and
+        empty ones skipped; where two overlap, the first holding an access's first byte counts it).
+        Ranges are watched for this call only: memory freed and reused later is not mistaken for
+        these tensors."""
+        lib = self.lib
+        lib.mmgpt_emu_traffic_start()
+        labels = []
+        for label, t in tensors.items():
+            if t is not None and t.numel() > 0:
+                lib.mmgpt_emu_traffic_watch(ctypes.c_void_p(t.data_ptr()), ctypes.c_int64(_span_bytes(t)))
+                labels.append(label)
+        try:
+            return run()
+        finally:
+            lib.mmgpt_emu_traffic_stop()
+            names = kernel_symbols(lib._name)
+            for i in range(lib.mmgpt_emu_traffic_launches()):
+                info = _TrafficLaunch()
+                lib.mmgpt_emu_traffic_launch(ctypes.c_int64(i), ctypes.byref(info))
+                site = f"{Path(info.file.decode()).name}:{info.line}"
+                launch = Launch(call, names.get(info.kernel_offset, f"kernel at {site}"), site, tuple(info.grid),
+                                tuple(info.block), info.smem)
+                for w, label in enumerate(labels):
+                    launch.read[label] = lib.mmgpt_emu_traffic_bytes(ctypes.c_int64(i), w, 0)
+                    launch.written[label] = lib.mmgpt_emu_traffic_bytes(ctypes.c_int64(i), w, 1)
+                self.launches.append(launch)
+
+    @property
+    def read(self) -> int:
+        return sum(sum(x.read.values()) for x in self.launches)
+
+    @property
+    def written(self) -> int:
+        return sum(sum(x.written.values()) for x in self.launches)
+
+    @property
+    def total(self) -> int:
+        return self.read + self.written
+
+    def by_kernel(self) -> list[dict]:
+        """{kernel, launches, read, written} per kernel, in launch order (a sliced grid or a repeated
+        call is one entry); read and written in bytes."""
+        out: dict[str, dict] = {}
+        for x in self.launches:
+            e = out.setdefault(x.kernel, {"kernel": x.kernel, "launches": 0, "read": 0, "written": 0})
+            e["launches"] += 1
+            e["read"] += sum(x.read.values())
+            e["written"] += sum(x.written.values())
+        return list(out.values())
+
+    def by_tensor(self) -> dict[str, list[int]]:
+        """label -> [bytes read, bytes written] over every launch."""
+        out: dict[str, list[int]] = {}
+        for x in self.launches:
+            for label in x.read:
+                e = out.setdefault(label, [0, 0])
+                e[0] += x.read[label]
+                e[1] += x.written[label]
+        return out
+
+
+def _span_bytes(t: torch.Tensor) -> int:
+    """The bytes from t's first element to one past its last (a broadcast or strided view included)."""
+    if any(st < 0 for st in t.stride()):
+        raise ValueError(f"tensor: expected non-negative strides, got {t.stride()}")
+    return (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))) * t.element_size()
+
+
+@functools.lru_cache(maxsize=None)
+def kernel_symbols(library: str) -> dict[int, str]:
+    """Offset in `library` -> short demangled name, for its kernels (functions whose last parameter is
+    the emulator's launch bound), read from its symbol table with nm; empty without nm."""
+    nm = shutil.which("nm")
+    if nm is None:
+        return {}
+    proc = subprocess.run([nm, "-C", "--defined-only", library], capture_output=True, text=True)
+    out = {}
+    for line in proc.stdout.splitlines():
+        address, kind, name = (line.split(" ", 2) + ["", ""])[:3]
+        if kind.lower() == "t" and "emu::MaxThreads<" in name:
+            out[int(address, 16)] = _short_name(name)
+    return out
+
+
+def _short_name(demangled: str) -> str:
+    """'void mmgpt::(anonymous namespace)::norm_fwd_kernel<__half, 2, true>(mmgpt::NormFwdParams, ...)'
+    -> 'norm_fwd_kernel<__half, 2, true>'."""
+    s = demangled.replace("(anonymous namespace)::", "")
+    depth = 0
+    for i, ch in enumerate(s):
+        depth += ch == "<"
+        depth -= ch == ">"
+        if ch == "(" and depth == 0:
+            s = s[:i]
+            break
+    s = s.removeprefix("void ")
+    depth, start = 0, 0
+    for i, ch in enumerate(s):
+        depth += ch == "<"
+        depth -= ch == ">"
+        if depth == 0 and s.startswith("::", i):
+            start = i + 2
+    return s[start:]
 
 
 # ------------------------------------------------------------------- the extension's stand-in
@@ -253,7 +409,19 @@ class EmulatedExtension:
             if lib.mmgpt_emu_sizeof(i) != ctypes.sizeof(struct):
                 raise RuntimeError(f"{struct.__name__}: the ctypes mirror's layout differs from launchers.h")
         self.lib = lib
+        self._traffic: Optional[Traffic] = None
         take_error(lib)
+
+    @contextlib.contextmanager
+    def counting(self):
+        """Within: every call records its launches' global-memory bytes per tensor into the Traffic
+        yielded (a library built with sanitize='count')."""
+        traffic = Traffic(self.lib)
+        self._traffic = traffic
+        try:
+            yield traffic
+        finally:
+            self._traffic = None
 
     def use_device(self, arch: str, sm_count: int = 4, smem_optin: Optional[int] = None) -> int:
         return use_device(self.lib, arch, sm_count, smem_optin)
@@ -262,8 +430,12 @@ class EmulatedExtension:
         """How often the launchers called `what` ('cudaDeviceGetAttribute', 'cudaFuncSetAttribute', 'launch')."""
         return self.lib.mmgpt_emu_calls(what.encode())
 
-    def _call(self, name, params, dtype):
-        rc = getattr(self.lib, f"mmgpt_emu_{name}")(ctypes.byref(params), DTYPE_CODE[dtype])
+    def _call(self, name, params, dtype, tensors: Mapping[str, Optional[torch.Tensor]]):
+        """Runs launcher `name`; tensors: every tensor whose pointer is in params, by name (what the
+        counting build counts the traffic of)."""
+        launcher = getattr(self.lib, f"mmgpt_emu_{name}")
+        run = lambda: launcher(ctypes.byref(params), DTYPE_CODE[dtype])  # noqa: E731
+        rc = run() if self._traffic is None else self._traffic.record(name, tensors, run)
         message = take_error(self.lib)
         if rc != 0 or message is not None:
             raise RuntimeError(f"{name}: CUDA kernel launch failed: {message or f'cudaError {rc}'}")
@@ -280,7 +452,8 @@ class EmulatedExtension:
             p = NormFwdParams(_ptr(x), _ptr(res), _ptr(w), _ptr(b), _ptr(y), _ptr(h) if res is not None else None,
                               None if is_rms else _ptr(mean), _ptr(rstd), rows, n, eps, is_rms,
                               _rows_aligned(n, [x, y, res, h if res is not None else None]))
-            self._call("norm_fwd", p, x.dtype)
+            self._call("norm_fwd", p, x.dtype, dict(x=x, residual=res, weight=w, bias=b, y=y,
+                                                     h=h if res is not None else None, mean=mean, rstd=rstd))
         return y, h, mean, rstd
 
     def norm_bwd(self, dy, dh, h, weight, bias, mean, rstd, is_rms):
@@ -297,7 +470,8 @@ class EmulatedExtension:
             floats = self.lib.mmgpt_emu_norm_bwd_workspace(ctypes.byref(p), DTYPE_CODE[h.dtype])
             work = torch.empty(max(1, floats), dtype=torch.float32)
             p.partials = work.data_ptr()
-            self._call("norm_bwd", p, h.dtype)
+            self._call("norm_bwd", p, h.dtype, dict(dy=dy, dh=dh, h=h, weight=w, mean=mean, rstd=rstd, dx=dx,
+                                                     dweight=dw, dbias=db, partials=work))
         return (dx, dw.to(weight.dtype) if weight is not None else h.new_empty(0),
                 db.to(bias.dtype) if bias is not None else h.new_empty(0))
 
@@ -309,7 +483,7 @@ class EmulatedExtension:
             p = SoftmaxFwdParams(_ptr(x), _ptr(y), mask.data_ptr() if mask is not None else None, _ptr(offsets),
                                  mask_col_stride, DTYPE_CODE[mask.dtype] if mask is not None else 0, causal_rows,
                                  rows, n, scale, _rows_aligned(n, [x, y]))
-            self._call("softmax_fwd", p, x.dtype)
+            self._call("softmax_fwd", p, x.dtype, dict(x=x, y=y, mask=mask, mask_row_offsets=offsets))
         return y
 
     def softmax_bwd(self, dy, y, scale):
@@ -317,7 +491,7 @@ class EmulatedExtension:
         if y.numel():
             p = SoftmaxBwdParams(_ptr(dy), _ptr(y), _ptr(dx), y.shape[0], y.shape[1], scale,
                                  _rows_aligned(y.shape[1], [dy, y, dx]))
-            self._call("softmax_bwd", p, y.dtype)
+            self._call("softmax_bwd", p, y.dtype, dict(dy=dy, y=y, dx=dx))
         return dx
 
     def cross_entropy_fwd(self, logits, target, ignore_index):
@@ -327,7 +501,7 @@ class EmulatedExtension:
         if rows:
             p = CrossEntropyFwdParams(_ptr(logits), _ptr(target), _ptr(loss), _ptr(lse), rows, v, ignore_index,
                                       _rows_aligned(v, [logits]))
-            self._call("cross_entropy_fwd", p, logits.dtype)
+            self._call("cross_entropy_fwd", p, logits.dtype, dict(logits=logits, target=target, loss=loss, lse=lse))
         return loss, lse
 
     def cross_entropy_bwd(self, dloss, logits, target, lse, ignore_index):
@@ -337,7 +511,8 @@ class EmulatedExtension:
         if logits.numel():
             p = CrossEntropyBwdParams(_ptr(dloss), _ptr(logits), _ptr(target), _ptr(lse), _ptr(dlogits), rows, v,
                                       ignore_index, _rows_aligned(v, [logits, dlogits]))
-            self._call("cross_entropy_bwd", p, logits.dtype)
+            self._call("cross_entropy_bwd", p, logits.dtype,
+                       dict(dloss=dloss, logits=logits, target=target, lse=lse, dlogits=dlogits))
         return dlogits
 
     @staticmethod
@@ -353,15 +528,15 @@ class EmulatedExtension:
         for name, t in (("q", q), ("k", k), ("v", v)):
             for i, s in enumerate(("batch", "row", "head")):
                 setattr(p, f"{name}_{s}_stride", t.stride(i))
-        keep = []
+        keep = {}  # what params point to besides q, k, v (alive until the call returns)
         if cu_seqlens is not None:
             cu = cu_seqlens.contiguous()
-            keep.append(cu)
+            keep["cu_seqlens"] = cu
             p.cu_seqlens, p.batch = cu.data_ptr(), cu.numel() - 1
             p.max_seqlen = max_seqlen if max_seqlen is not None else int((cu[1:] - cu[:-1]).max())
         if prefix is not None:
             pre = prefix.to(torch.int32).contiguous()
-            keep.append(pre)
+            keep["prefix"] = pre
             p.prefix = pre.data_ptr()
         return p, keep
 
@@ -370,10 +545,10 @@ class EmulatedExtension:
         out = torch.empty(q.shape, dtype=q.dtype)
         lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32)
         if out.numel():
-            p, _keep = self._flash_params(q, k, v, cu_seqlens, max_seqlen, prefix, causal, scale)
+            p, keep = self._flash_params(q, k, v, cu_seqlens, max_seqlen, prefix, causal, scale)
             p.out, p.lse = out.data_ptr(), lse.data_ptr()
             p.o_batch_stride, p.o_row_stride, p.o_head_stride = out.stride()[:3]
-            self._call("flash_attn_fwd", p, q.dtype)
+            self._call("flash_attn_fwd", p, q.dtype, dict(q=q, k=k, v=v, out=out, lse=lse, **keep))
         return out, lse
 
     def flash_attn_bwd(self, dout, q, k, v, out, lse, cu_seqlens, max_seqlen, prefix, causal, scale):
@@ -383,12 +558,13 @@ class EmulatedExtension:
         dq, dk, dv = (torch.empty(t.shape, dtype=q.dtype) for t in (q, k, v))
         if dq.numel() or dk.numel():
             delta = torch.empty_like(lse)
-            p, _keep = self._flash_params(q, k, v, cu_seqlens, max_seqlen, prefix, causal, scale)
+            p, keep = self._flash_params(q, k, v, cu_seqlens, max_seqlen, prefix, causal, scale)
             p.out, p.lse, p.dout, p.dq, p.dk, p.dv, p.delta = map(_ptr, (out, lse, dout, dq, dk, dv, delta))
             p.o_batch_stride, p.o_row_stride, p.o_head_stride = dq.stride()[:3]
             p.do_batch_stride, p.do_row_stride, p.do_head_stride = dout.stride()[:3]
             p.dk_batch_stride, p.dk_row_stride, p.dk_head_stride = dk.stride()[:3]
-            self._call("flash_attn_bwd", p, q.dtype)
+            self._call("flash_attn_bwd", p, q.dtype, dict(q=q, k=k, v=v, out=out, lse=lse, dout=dout, dq=dq, dk=dk,
+                                                          dv=dv, delta=delta, **keep))
         return dq, dk, dv
 
 

@@ -20,8 +20,9 @@
 // What this checks: indexing, masking, reductions, tiling, fragment plumbing, numerics, the launch
 // plans under each architecture's limits; built with AddressSanitizer, out-of-bounds accesses; with
 // ThreadSanitizer, shared-memory races between threads that no barrier orders, including a cp.async
-// destination. What it cannot: timing, registers, static shared memory sizes, and whether the PTX
-// fragment layouts it implements match the hardware (they follow the ISA).
+// destination; built to count (traffic.cpp), the global-memory bytes each launch reads and writes in
+// each tensor, for the IO audit. What it cannot: timing, registers, static shared memory sizes, and
+// whether the PTX fragment layouts it implements match the hardware (they follow the ISA).
 #pragma once
 
 #define MMGPT_CPU_EMULATION 1

@@ -1,5 +1,6 @@
 // The emulator runtime's own state, shared by runtime.cpp (fibers, blocks, launches), warp.cpp
-// (warp collectives, cp.async) and device.cpp (devices, the CUDA runtime API, errors).
+// (warp collectives, cp.async), device.cpp (devices, the CUDA runtime API, errors) and traffic.cpp
+// (global-memory bytes per launch, for the IO audit).
 #pragma once
 
 #include <cstdint>
@@ -72,5 +73,14 @@ const char* space_name(Space s);
 // `__shared__` variable, which the emulator keeps among the library's static data; overrun: starts in
 // the dynamic shared memory, ends past it), local (a thread's stack) or global (anything else: tensors).
 Space space_of(const void* p, size_t bytes);
+
+// ----------------------------------------------------------------------------------- traffic
+// A launch that runs (checks passed) opens a traffic record, if recording; its blocks' accesses to
+// the watched ranges count into it (count_access: from the instrumented kernels and from cp.async;
+// site: the instruction, e.g. the caller's return address).
+void traffic_launch_begin(const void* kernel, const LaunchSite& site, dim3 grid, dim3 block, size_t smem);
+void traffic_block_begin();
+void traffic_launch_end();
+void count_access(const void* site, const void* p, size_t bytes, bool write);
 
 }  // namespace emu

@@ -466,6 +466,7 @@ std::string launch_problem(const void* kernel, int max_threads, dim3 grid, dim3 
 
 // Runs one block; false when it faulted (deadlock included), with the error set.
 bool run_block(dim3 grid, dim3 block, uint3 block_idx, int threads) {
+  traffic_block_begin();
   g_block.fibers.assign(static_cast<size_t>(threads), Fiber{});
   g_block.warps.assign(static_cast<size_t>(threads / 32), Warp{});
   g_block.barrier = Barrier{};
@@ -556,10 +557,12 @@ void run_grid(const void* kernel, int max_threads, dim3 grid, dim3 block, size_t
   g_tsan_host = __tsan_get_current_fiber();
   while (g_tsan_fibers.size() < static_cast<size_t>(threads)) g_tsan_fibers.push_back(__tsan_create_fiber(0));
 #endif
+  traffic_launch_begin(kernel, site, grid, block, smem);
   bool ok = true;
   for (unsigned bz = 0; bz < grid.z && ok; ++bz)
     for (unsigned by = 0; by < grid.y && ok; ++by)
       for (unsigned bx = 0; bx < grid.x && ok; ++bx) ok = run_block(grid, block, make_uint3(bx, by, bz), threads);
+  traffic_launch_end();
   std::free(g_dynamic_smem);
   g_dynamic_smem = nullptr;
   g_dynamic_smem_bytes = 0;

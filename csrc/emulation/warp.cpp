@@ -104,12 +104,14 @@ void mma_m16n8k16_f32(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32
   warp_arrive(w, Op::kMma, site);
 }
 
-// cp.async.cg.shared.global [dst], [src], 16, src_bytes
+// cp.async.cg.shared.global [dst], [src], 16, src_bytes: checked, and its global read counted
 void check_cp_async(const void* dst, const void* src, int src_bytes) {
   if (src_bytes < 0 || src_bytes > 16)
     fault(cudaErrorInvalidValue, "cp.async: src-size %d, expected 0 to 16 (the copy size)", src_bytes);
   check_16("cp.async: the destination", dst, Space::kShared);
   check_16("cp.async: the source", src, Space::kGlobal);
+  // read at issue; the rest of the 16 bytes is zero-filled
+  count_access(__builtin_return_address(0), src, static_cast<size_t>(src_bytes), false);
 }
 
 }  // namespace emu

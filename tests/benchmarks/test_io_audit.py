@@ -1,45 +1,62 @@
-"""The IO audit's counts (deterministic: interpreted Triton kernels, every load and store counted):
-the memory-bound kernels move close to the minimum their op needs, attention stays within the
-FlashAttention-2 bound, and the tiles a mask hides are never read."""
+"""The IO audit's counts (deterministic: interpreted Triton kernels and emulated CUDA kernels, every
+load and store counted): the memory-bound kernels move close to the minimum their op needs,
+attention stays within the FlashAttention-2 bound, and the tiles a mask hides are never read.
+
+The emulator's counter for the CUDA kernels is calibrated on small kernels (io_audit_kernels.cu)
+whose bytes are known."""
+import ctypes
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
-from benchmarks import io_audit
+from benchmarks import cuda_emulator, io_audit
 from mmgpt_engine.ops import available_backends
 
-pytestmark = pytest.mark.skipif("triton" not in available_backends("cpu"), reason="needs interpreted Triton")
+needs_triton = pytest.mark.skipif("triton" not in available_backends("cpu"), reason="needs interpreted Triton")
+# one worker builds and runs every emulated case (the builds are cached by content across runs)
+emulated = pytest.mark.xdist_group("io_audit_cuda")
 HIDDEN = [1024, 4096, 16384]
+F16, BF16 = torch.float16, torch.bfloat16
 
 
 def _by_pass(rows):
     return {r.pass_: r for r in rows}
 
 
+# ------------------------------------------------------------------------------------ triton
+@needs_triton
 @pytest.mark.parametrize("n", HIDDEN)
 def test_softmax_reads_and_writes_each_row_once(n):
-    rows = _by_pass(io_audit.audit_softmax(8, n, torch.float16))
+    rows = _by_pass(io_audit.audit_softmax(8, n, F16))
     assert rows["fwd"].ratio <= 1.05 and rows["bwd"].ratio <= 1.15, rows
 
 
+@needs_triton
 @pytest.mark.parametrize("n", HIDDEN)
 def test_cross_entropy_reads_the_logits_once_a_pass(n):
-    rows = _by_pass(io_audit.audit_cross_entropy(8, n, torch.bfloat16))
+    rows = _by_pass(io_audit.audit_cross_entropy(8, n, BF16))
     assert rows["fwd"].ratio <= 1.05 and rows["bwd"].ratio <= 1.15, rows
 
 
-def test_attention_stays_within_the_flash_attention_2_bound_and_skips_hidden_tiles():
-    got = {mask: _by_pass(io_audit.audit_attention(1, 200, 2, 1, 32, torch.float16, mask, 70))
-           for mask in ("none", "causal", "prefix")}
+def _check_attention(got: dict, fwd_ratio: float, bwd_ratio: float):
     for mask, rows in got.items():
-        assert rows["fwd"].ratio <= 1.02 and rows["bwd"].ratio <= 1.10, (mask, rows)
+        assert rows["fwd"].ratio <= fwd_ratio and rows["bwd"].ratio <= bwd_ratio, (mask, rows)
     fwd = {mask: rows["fwd"].bytes for mask, rows in got.items()}
     # a causal mask hides about half the key tiles, the prefix mask fewer: never loaded, never counted
     assert fwd["causal"] < fwd["prefix"] < fwd["none"]
     assert fwd["causal"] < 0.8 * fwd["none"]
 
 
+@needs_triton
+def test_attention_stays_within_the_flash_attention_2_bound_and_skips_hidden_tiles():
+    got = {mask: _by_pass(io_audit.audit_attention(1, 200, 2, 1, 32, F16, mask, 70))
+           for mask in ("none", "causal", "prefix")}
+    _check_attention(got, 1.02, 1.10)
+
+
+@needs_triton
 def test_the_counter_sees_every_byte_of_a_plain_copy():
     """A calibration: a kernel that copies n elements reads and writes exactly n each."""
     import triton
@@ -58,6 +75,7 @@ def test_the_counter_sees_every_byte_of_a_plain_copy():
     assert torch.equal(x, y) and traffic.read == traffic.written == 4000
 
 
+@needs_triton
 def test_the_command_writes_json_rows(tmp_path, capsys):
     assert io_audit.main(["--only", "softmax,cross_entropy", "--quick", "--json", str(tmp_path / "a.json")]) == 0
     rows = json.loads((tmp_path / "a.json").read_text())
@@ -66,3 +84,94 @@ def test_the_command_writes_json_rows(tmp_path, capsys):
     assert "predicted" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         io_audit.main(["--only", "softmaxx"])
+
+
+# --------------------------------------------------------------------- cuda: the calibration
+@pytest.fixture(scope="module")
+def calibration():
+    """The calibration kernels on the counting build of the emulator."""
+    try:
+        lib = cuda_emulator.build("count", sources=[Path(__file__).with_name("io_audit_kernels.cu")])
+    except cuda_emulator.EmulatorUnavailable as e:
+        pytest.skip(str(e))
+    for name in ("copy", "staged_copy", "cp_async_copy", "shared_reads", "double_read"):
+        getattr(lib, f"traffic_{name}").restype = ctypes.c_int
+    lib.traffic_copy.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_bool]
+    return lib
+
+
+def _count(lib, name, tensors, *args):
+    """traffic_<name>(*args) on the emulator: {tensor label: (bytes read, bytes written)}."""
+    traffic = cuda_emulator.Traffic(lib)
+    ptrs = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else a for a in args]
+    assert traffic.record(name, tensors, lambda: getattr(lib, f"traffic_{name}")(*ptrs)) == 0
+    assert cuda_emulator.take_error(lib) is None
+    return {label: tuple(v) for label, v in traffic.by_tensor().items()}
+
+
+@emulated
+@pytest.mark.parametrize("dtype,n,aligned", [(torch.float32, 1024, True), (torch.float32, 1001, False),
+                                             (F16, 1024, True), (F16, 1001, False)], ids=str)
+def test_the_counter_sees_each_byte_of_vector_and_scalar_copies(calibration, dtype, n, aligned):
+    """load_vec / store_vec: 16-byte accesses when aligned, one element at a time otherwise."""
+    x = torch.randn(n).to(dtype)
+    y = torch.empty_like(x)
+    got = _count(calibration, "copy", dict(src=x, dst=y), 0 if dtype == torch.float32 else 1, x, y, n, aligned)
+    assert torch.equal(x, y)
+    assert got == {"src": (n * x.element_size(), 0), "dst": (0, n * x.element_size())}
+
+
+@emulated
+def test_the_counter_leaves_out_local_arrays_and_shared_memory(calibration):
+    x = torch.randn(1000)
+    y = torch.empty_like(x)
+    assert _count(calibration, "staged_copy", dict(src=x, dst=y), x, y, 1000) == {"src": (4000, 0), "dst": (0, 4000)}
+    assert torch.equal(x, y)
+
+
+@emulated
+@pytest.mark.parametrize("src_bytes", [16, 8, 0])
+def test_cp_async_reads_its_src_size_at_issue(calibration, src_bytes):
+    """cp.async reads src-size bytes of global memory (the rest of the 16 is zero-filled); the
+    32- and 64-bit stores out of shared memory count at their sizes."""
+    chunks = 256
+    x = torch.randint(0, 255, (chunks * 16,), dtype=torch.uint8)
+    y = torch.empty_like(x)
+    got = _count(calibration, "cp_async_copy", dict(src=x, dst=y), x, y, chunks, src_bytes)
+    assert got == {"src": (chunks * src_bytes, 0), "dst": (0, chunks * 16)}
+    kept = x.view(chunks, 16)[:, :src_bytes]
+    assert torch.equal(y.view(chunks, 16)[:, :src_bytes], kept) and not y.view(chunks, 16)[:, src_bytes:].any()
+
+
+@emulated
+def test_lanes_that_read_the_same_bytes_in_one_instruction_move_them_once(calibration):
+    """8 warps: all 32 lanes read one float (a broadcast: 4 B a warp), lane pairs one float each
+    (64 B), lanes 8 bytes at a 4-byte step (overlapping: 33 words, 132 B)."""
+    scale, pair = torch.randn(1), torch.randn(8 * 16)
+    words, out = torch.zeros(8 * 33, dtype=torch.int32), torch.empty(256)
+    got = _count(calibration, "shared_reads", dict(scale=scale, pair=pair, words=words, dst=out),
+                 scale, pair, words, out)
+    assert got == {"scale": (8 * 4, 0), "pair": (8 * 64, 0), "words": (8 * 132, 0), "dst": (0, 256 * 4)}
+
+
+@emulated
+def test_a_kernel_that_reads_its_input_twice_is_caught(calibration):
+    """The check the audit makes, failing where it should: a copy that reads its input twice moves
+    1.5x a copy's minimum (each input read once, each output written once)."""
+    x = torch.randn(1000)
+    y = torch.empty_like(x)
+    got = _count(calibration, "double_read", dict(src=x, dst=y), x, y, 1000)
+    assert got == {"src": (8000, 0), "dst": (0, 4000)}
+    ratio = sum(sum(v) for v in got.values()) / (2 * x.numel() * 4)
+    assert ratio == 1.5 and not ratio <= 1.05
+
+
+@emulated
+def test_counting_needs_the_counting_build():
+    try:
+        plain = cuda_emulator.EmulatedExtension(cuda_emulator.build(""))
+    except cuda_emulator.EmulatorUnavailable as e:
+        pytest.skip(str(e))
+    with pytest.raises(ValueError, match="lib: expected an emulator built to count"):
+        with plain.counting():
+            pass
