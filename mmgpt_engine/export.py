@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -158,7 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m mmgpt_engine.export", description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, help="save_pretrained folder (with its tokenizer), or a training "
                                                        "output folder")
-    p.add_argument("--format", required=True, choices=FORMATS, help="llava-hf: transformers' LlavaForConditionalGeneration")
+    p.add_argument("--format", required=True, choices=FORMATS,
+                   help="llava-hf: transformers' LlavaForConditionalGeneration")
     p.add_argument("--out", required=True, help="the folder to write (must not exist, unless --overwrite)")
     p.add_argument("--chat_template", default=None, choices=sorted(NAMED_TEMPLATES),
                    help="write this named template (default: the tokenizer's own, if any)")
@@ -169,8 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    summary = export_llava_hf(args.checkpoint, args.out, chat_template=args.chat_template,
-                              dtype=DTYPES[args.dtype] if args.dtype else None, overwrite=args.overwrite)
+    try:
+        summary = export_llava_hf(args.checkpoint, args.out, chat_template=args.chat_template,
+                                  dtype=DTYPES[args.dtype] if args.dtype else None, overwrite=args.overwrite)
+    except (ValueError, FileExistsError, FileNotFoundError) as e:  # a refusal: its message says it all
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     added = " (added: the vocabulary grew by one zero row)" if summary["image_token_added"] else ""
     print(f"wrote {summary['out']}: LlavaForConditionalGeneration, {summary['text']} + {summary['vision']}, "
           f"{summary['dtype']}, {IMAGE_TOKEN} id {summary['image_token_id']}{added} widened to "

@@ -111,8 +111,9 @@ def inputs_both_ways(model, tokenizer, folder):
 def test_logits_equal_transformers_llava(exported):
     name, model, tokenizer, tmp = exported
     out = tmp / "hf"
-    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-            "preprocessor_config.json", "processor_config.json", "generation_config.json"} <= {f.name for f in out.iterdir()}
+    assert {f.name for f in out.iterdir()} == {
+        "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+        "preprocessor_config.json", "processor_config.json", "generation_config.json"}
     _, info = transformers.LlavaForConditionalGeneration.from_pretrained(out, output_loading_info=True)
     assert not any(info.values()), info  # no missing, unexpected or misshapen tensor
     ids, pixels, their_ids, their_pixels, fused, k = inputs_both_ways(model, tokenizer, out)
@@ -183,20 +184,25 @@ def test_unsupported_settings_are_refused(change, setting):
         check_llava_exportable(ModelConfig(**{**good, **change}))
 
 
-def test_refused_export_leaves_nothing(tmp_path):
+def test_refused_export_leaves_nothing(tmp_path, capsys):
     """A prefix-attention model is refused by name before any file is written; an existing --out
-    is kept unless --overwrite."""
+    is kept unless --overwrite; --dtype bfloat16 writes bfloat16 tensors."""
     model, _ = build_stage2(tmp_path, "smollm2", "clip", -2, "patch", False)
     model.config.image_attention = "prefix"
     tokenizer = chat_tokenizer(False)
     model.save_pretrained(tmp_path / "prefix", tokenizer=tokenizer)
     with pytest.raises(ValueError, match="^image_attention: 'prefix' cannot be exported"):
         export_cli.export_llava_hf(tmp_path / "prefix", tmp_path / "out")
+    capsys.readouterr()  # transformers' progress bars from building the towers
+    argv = ["--checkpoint", str(tmp_path / "prefix"), "--format", "llava-hf", "--out", str(tmp_path / "out")]
+    assert export_cli.main(argv) == 2
+    assert capsys.readouterr().err.startswith("error: image_attention: 'prefix' cannot be exported")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
     (tmp_path / "out").mkdir()
     with pytest.raises(FileExistsError, match="^out: .* exists; pass --overwrite"):
         export_cli.export_llava_hf(tmp_path / "stage2", tmp_path / "out")
-    summary = export_cli.export_llava_hf(tmp_path / "stage2", tmp_path / "out", overwrite=True)
-    assert (tmp_path / "out" / "model.safetensors").is_file() and summary["text"] == "llama"
+    summary = export_cli.export_llava_hf(tmp_path / "stage2", tmp_path / "out", overwrite=True, dtype=torch.bfloat16)
+    assert summary["text"] == "llama" and summary["dtype"] == "bfloat16"
+    assert export_cli.stored_dtype(tmp_path / "out") == torch.bfloat16
     assert summary["eos_token_id"] == [tokenizer.eos_id, tokenizer.token_id("<|im_end|>")]
     assert not list(tmp_path.glob(".out.*"))
