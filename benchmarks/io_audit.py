@@ -13,10 +13,11 @@ saved statistics included; the norms' backward also writes one float32 weight-gr
 row per program (`programs` below), which a small reduction then sums. Attention is set against
 the FlashAttention-2 bound: q, out and lse once, k and v once per query block (BLOCK_M rows of
 one head) for every key that block sees; the backward's dK/dV kernel reads q, dout, lse and delta
-once per key block for every query that sees it, the dQ kernel k and v once per query block,
-and the delta pre-pass out and dout once. Key tiles a mask hides are never loaded, so causal
-and prefix-LM masks show in the counts (the bound counts only visible keys, rounded up to the
-key tile where a tile is partly visible).
+once per key block for every query that sees it, the dQ kernel k and v once per query block
+besides q, dout, lse and delta once and dq written once, and the delta pre-pass out and dout once.
+Key tiles a mask hides are never loaded, so causal and prefix-LM masks show in the counts (the
+bound counts only visible keys, rounded up to the key tile where a tile is partly visible, and the
+queries that see a key block from the start of the query tile holding the first of them).
 
 From bytes and FLOPs and a card's measured ceilings (copy bandwidth, bf16 matmul rate) the
 report adds a predicted time per kernel: max(bytes / bandwidth, flops / matmul rate), labelled
@@ -215,15 +216,15 @@ def attention_bound(b: int, s: int, h: int, h_kv: int, d: int, elem: int, mask: 
         return sum(rounded(visible_keys(s, s, mask, prefix_len, range(lo, min(lo + block_m, s))), block_n)
                    for lo in range(0, s, block_m))
 
-    def queries_per_key_block(block_m, block_n):
-        return sum(rounded(s - _first_row_seeing(k0, s, mask, prefix_len), block_m) for k0 in range(0, s, block_n))
+    def queries_per_key_block(block_m, block_n):  # from the query tile holding the first that sees the keys
+        return sum(s - _first_row_seeing(k0, s, mask, prefix_len) // block_m * block_m for k0 in range(0, s, block_n))
 
     qo, kv = b * s * h * d * elem, b * s * h_kv * d * elem
     lse = b * h * s * 4
     fwd = 2 * qo + lse + b * h * 2 * keys_per_query_block(*fwd_tiles) * d * elem
     delta = 2 * qo + lse                                        # out, dout read; delta written
     dkdv = 4 * kv + b * h * queries_per_key_block(*dkdv_tiles) * (2 * d * elem + 8)  # + q, dout, lse, delta
-    dq = 2 * qo + 2 * lse + b * h * 2 * keys_per_query_block(*dq_tiles) * d * elem   # + k, v per block
+    dq = 3 * qo + 2 * lse + b * h * 2 * keys_per_query_block(*dq_tiles) * d * elem   # q, dout, dq; + k, v per block
     return {"fwd": fwd, "bwd": delta + dkdv + dq}
 
 
