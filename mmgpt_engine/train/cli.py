@@ -239,6 +239,7 @@ def plan_run(argv: Optional[Sequence[str]]) -> RunPlan:
                           f"optim.lr_per_part")
     if cfg.run.init_from is not None and not Path(cfg.run.init_from).exists():
         raise ConfigError(f"--init_from: no such file or folder {cfg.run.init_from!r}")
+    preflight.check_init_from(cfg, model_config)
     output_dir = Path(cfg.run.output_dir)
     preflight.check_output_dir(output_dir, rank)
     target = find_resume(args.resume, output_dir)

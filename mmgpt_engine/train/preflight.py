@@ -4,6 +4,7 @@ work fails in a second with a message naming the setting, instead of after minut
 """
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -165,3 +166,26 @@ def check_resume_tokenizer(cfg: TrainConfig, target) -> None:
             f"{saved['vocab_size']} ids), but data.tokenizer is {cfg.data.tokenizer or 'byte'!r} ({now['kind']}, "
             f"{now['vocab_size']} ids); resume with data.tokenizer={name}, or start a new run "
             f"(--resume none --overwrite_output_dir, or another --output_dir)")
+
+
+def check_init_from(cfg: TrainConfig, model_config) -> None:
+    """An --init_from export beside towers named in the model section: the export's weights are
+    what the run starts from, so its connector must fit the towers' widths (a connector trained
+    for another language model or vision tower cannot load), checked from the config files alone."""
+    init_from = cfg.run.init_from
+    if init_from is None or not ("text_from" in cfg.model or "vision_from" in cfg.model):
+        return
+    saved = Path(init_from) / "config.json"
+    if not saved.is_file():
+        return
+    values = json.loads(saved.read_text())
+    if "model_type" in values:  # a Hugging Face folder, not an export of this trainer
+        return
+    want = {"connector input (vision_width)": ("vision_width", model_config.vision_width),
+            "connector output (n_embd)": ("n_embd", model_config.n_embd), "connector": ("connector", model_config.connector)}
+    for what, (key, value) in want.items():
+        if values.get(key) != value:
+            raise ConfigError(f"--init_from {init_from}: its {what} is {values.get(key)!r} but the towers of the model "
+                              f"section (text_from {cfg.model.get('text_from')!r}, vision_from "
+                              f"{cfg.model.get('vision_from')!r}) give {value!r}: a connector trained for other towers "
+                              f"cannot load; start from towers with these widths, or leave the model section out")
