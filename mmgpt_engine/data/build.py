@@ -48,13 +48,15 @@ def get_tokenizer(name_or_path: Optional[str | os.PathLike] = None):
 
 def build_dataset(kind: str, path=None, split: str = "train", tokenizer=None, image_size: int = 32,
                   in_channels: int = 3, max_text_len: Optional[int] = None, seed: int = 0, rank: int = 0,
-                  world_size: int = 1, **kwargs):
+                  world_size: int = 1, image_processor=None, **kwargs):
     """kwargs go to the dataset class: shapes `size`; webdataset `shuffle`, `shuffle_buffer`;
-    jsonl `image_root`."""
+    jsonl `image_root`. image_processor: a pretrained vision tower's (image_processor.py), used
+    instead of the built-in resize and [-1, 1] scaling."""
     if kind not in KINDS:
         raise ValueError(f"kind: expected one of {list(KINDS)}, got {kind!r}")
     tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
-    common = dict(tokenizer=tokenizer, image_size=image_size, in_channels=in_channels, max_text_len=max_text_len)
+    common = dict(tokenizer=tokenizer, image_size=image_size, in_channels=in_channels, max_text_len=max_text_len,
+                  image_processor=image_processor)
     if isinstance(path, str):
         path = path.replace("{split}", split)
     if kind == "shapes":

@@ -35,7 +35,7 @@ def _record_text(record: dict) -> tuple[str, Optional[str]]:
 
 class JsonlCaptionDataset(torch.utils.data.Dataset):
     def __init__(self, path, tokenizer=None, image_size: int = 32, in_channels: int = 3,
-                 max_text_len: Optional[int] = None, image_root=None):
+                 max_text_len: Optional[int] = None, image_root=None, image_processor=None):
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"path: expected a JSONL manifest file, got {str(path)!r} (no such file)")
@@ -45,6 +45,7 @@ class JsonlCaptionDataset(torch.utils.data.Dataset):
             raise ValueError(f"path: expected at least one record in {str(path)!r}, got an empty manifest")
         self.tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
         self.image_size, self.in_channels, self.max_text_len = image_size, in_channels, max_text_len
+        self.image_processor = image_processor  # a pretrained tower's own steps (image_processor.py)
         self.skipped = 0
 
     def __len__(self) -> int:
@@ -57,7 +58,7 @@ class JsonlCaptionDataset(torch.utils.data.Dataset):
             image_path = Path(record["image"])
             if not image_path.is_absolute():
                 image_path = self.root / image_path
-            image = preprocess_image(image_path, self.image_size, self.in_channels)
+            image = preprocess_image(image_path, self.image_size, self.in_channels, self.image_processor)
         except Exception:  # any unusable record: the caller moves on and counts it
             return None
         input_ids, labels, cut = encode_caption_counted(self.tokenizer, text, prompt, self.max_text_len)

@@ -138,7 +138,8 @@ class ShapesCaptionDataset(torch.utils.data.Dataset):
     and `text` (the caption)."""
 
     def __init__(self, split: str = "train", tokenizer=None, image_size: int = 32, in_channels: int = 3,
-                 max_text_len: Optional[int] = None, seed: int = 0, size: Optional[int] = None):
+                 max_text_len: Optional[int] = None, seed: int = 0, size: Optional[int] = None,
+                 image_processor=None):
         if split not in SPLITS:
             raise ValueError(f"split: expected one of {list(SPLITS)}, got {split!r}")
         if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
@@ -146,6 +147,7 @@ class ShapesCaptionDataset(torch.utils.data.Dataset):
         if in_channels not in (1, 3):
             raise ValueError(f"in_channels: expected 1 or 3, got {in_channels}")
         self.split, self.seed, self.image_size, self.in_channels = split, int(seed), image_size, in_channels
+        self.image_processor = image_processor  # a pretrained tower's own steps, else the built-in [-1, 1]
         self.tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
         self.max_text_len = max_text_len
         self.size = DEFAULT_SIZES[split] if size is None else size
@@ -164,4 +166,5 @@ class ShapesCaptionDataset(torch.utils.data.Dataset):
         if self.in_channels == 1:
             img = img.convert("L")
         input_ids, labels = encode_caption(self.tokenizer, caption, max_len=self.max_text_len)
-        return {"image": normalize(np.asarray(img)), "input_ids": input_ids, "labels": labels, "text": caption}
+        image = self.image_processor(img) if self.image_processor is not None else normalize(np.asarray(img))
+        return {"image": image, "input_ids": input_ids, "labels": labels, "text": caption}

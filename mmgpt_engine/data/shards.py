@@ -67,12 +67,13 @@ def _first(sample: dict, keys: Sequence[str]):
 class WebDatasetCaptions(torch.utils.data.IterableDataset):
     def __init__(self, path, tokenizer=None, image_size: int = 32, in_channels: int = 3,
                  max_text_len: Optional[int] = None, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 shuffle: bool = True, shuffle_buffer: int = 1000):
+                 shuffle: bool = True, shuffle_buffer: int = 1000, image_processor=None):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank: expected 0 <= rank < world_size ({world_size}), got {rank}")
         self.urls = expand_shards(path)
         self.tokenizer = tokenizer if tokenizer is not None else ByteTokenizer()
         self.image_size, self.in_channels, self.max_text_len = image_size, in_channels, max_text_len
+        self.image_processor = image_processor  # a pretrained tower's own steps (image_processor.py)
         self.rank, self.world_size, self.seed = rank, world_size, int(seed)
         self.shuffle, self.shuffle_buffer = shuffle, shuffle_buffer
         self.epoch = 0
@@ -114,7 +115,7 @@ class WebDatasetCaptions(torch.utils.data.IterableDataset):
                 self.log_skip(shard, key, "no image" if image_bytes is None else "no caption")
                 return None
             text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
-            image = preprocess_image(bytes(image_bytes), self.image_size, self.in_channels)
+            image = preprocess_image(bytes(image_bytes), self.image_size, self.in_channels, self.image_processor)
         except Exception as e:  # any decoding failure of one sample: skip it, count it
             self.log_skip(shard, key, f"{type(e).__name__}: {e}")
             return None

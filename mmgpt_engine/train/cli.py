@@ -384,7 +384,8 @@ def build_datasets(cfg: TrainConfig, model_config: ModelConfig, tokenizer, rank:
         return conversations.conversation_datasets(cfg, model_config, tokenizer)
     d = cfg.data
     common = dict(tokenizer=tokenizer, image_size=model_config.image_size, in_channels=model_config.in_channels,
-                  max_text_len=model_config.max_text_len, seed=cfg.run.seed, rank=rank, world_size=world, **d.options)
+                  max_text_len=model_config.max_text_len, seed=cfg.run.seed, rank=rank, world_size=world,
+                  image_processor=conversations.image_transform(cfg, model_config), **d.options)
     val_path = d.val_path or (d.path if "{split}" in (d.path or "") else None)
     try:
         train_set = build_dataset(d.kind, path=d.path, split="train", **common)

@@ -183,3 +183,23 @@ def test_build_dataset_checks_and_feeds_the_model():
         kwargs = {"cu_seqlens": batch["cu_seqlens"]} if mode == "pack" else {}
         out = MultimodalGPT(cfg)(batch["input_ids"], batch["images"], batch["labels"], **kwargs)
         assert torch.isfinite(out.loss)
+
+
+def test_a_pretrained_towers_image_processor_prepares_every_kind(tmp_path):
+    """With an image_processor (a pretrained tower's preprocessor_config.json), the datasets' images
+    are its output, not the built-in [-1, 1] scaling."""
+    from PIL import Image
+
+    from mmgpt_engine.data.image_processor import ImageProcessor
+    from mmgpt_engine.data.shapes import ShapesCaptionDataset
+
+    processor = ImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}, do_center_crop=True,
+                               image_mean=[0.48, 0.46, 0.41], image_std=[0.27, 0.26, 0.28])
+    shapes = build_dataset("shapes", split="val", image_size=16, image_processor=processor)
+    img, _ = ShapesCaptionDataset(split="val", image_size=16).scene(0)
+    assert torch.equal(shapes[0]["image"], processor(img))
+    assert not torch.equal(shapes[0]["image"], build_dataset("shapes", split="val", image_size=16)[0]["image"])
+    Image.new("RGB", (30, 20), (10, 200, 30)).save(tmp_path / "a.png")
+    (tmp_path / "train.jsonl").write_text('{"image": "a.png", "text": "green"}\n')
+    jsonl = build_dataset("jsonl", path=str(tmp_path / "train.jsonl"), image_size=16, image_processor=processor)
+    assert torch.equal(jsonl[0]["image"], processor(Image.open(tmp_path / "a.png")))
