@@ -331,11 +331,12 @@ class MultimodalGPT(nn.Module):
     # ------------------------------------------------------------------------- generation, files
     @torch.no_grad()
     def generate(self, input_ids: Tensor, images: Optional[Tensor] = None, max_new_tokens: int = 32,
-                 temperature: float = 0.0, top_k: Optional[int] = None, eos_token_id: Optional[int] = None,
+                 temperature: float = 0.0, top_k: Optional[int] = None, eos_token_id=None,
                  use_cache: bool = True, generator: Optional[torch.Generator] = None) -> Tensor:
         """Continue `input_ids` (B, T) (every row the same length, e.g. [bos] or [bos] + prompt),
         conditioned on `images` (B, C, H, W). temperature 0 = greedy; else sampling, from the
-        `top_k` most likely tokens when given. Rows that emit `eos_token_id` stop and are padded
+        `top_k` most likely tokens when given. `eos_token_id`: one id or several (eos and the
+        chat template's end of turn); rows that emit one stop and are padded
         with it. Returns (B, T + new) including the input."""
         from .generation import generate
 

@@ -90,7 +90,7 @@ def attention_head_dims(model_config) -> list[tuple[str, int, str]]:
     """(which, head dim, where it comes from) of every attention in the model."""
     c = model_config
     dims = [("text", c.head_dim, f"n_embd {c.n_embd} / n_head {c.n_head}")]
-    if c.vision_type == "vit" and c.vision_layers > 0:
+    if c.vision_type in ("vit", "clip", "siglip") and c.vision_layers_used > 0:
         dims.append(("vision", c.vision_width // c.vision_heads,
                      f"vision_width {c.vision_width} / vision_heads {c.vision_heads}"))
     return dims

@@ -63,7 +63,7 @@ def test_dict_and_json_round_trip(tmp_path):
 @pytest.mark.parametrize("bad, match", [
     (dict(n_embd=100, n_head=3), "n_embd: expected a multiple of n_head"),
     (dict(n_kv_head=3), "n_kv_head: expected a divisor of n_head"),
-    (dict(n_embd=40, n_head=4), "n_head: expected a head dim"),
+    (dict(n_embd=1040, n_head=4), "n_head: expected a head dim"),
     (dict(patch_size=5), "patch_size: expected a divisor of image_size"),
     (dict(vision_type="cnn", image_size=24, patch_size=6), "patch_size: the cnn encoder"),
     (dict(max_seq_len=16), "max_seq_len: expected more than the 16 image tokens"),

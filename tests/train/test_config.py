@@ -214,8 +214,8 @@ def test_cli_bad_cases_fail_before_anything_is_built(tmp_path, capsys, nothing_h
     monkeypatch.setenv("MMGPT_BACKEND", "fastest")
     _fails(out, capsys, r"MMGPT_BACKEND \(environment\): expected one of \['torch', 'triton', 'cuda'\], got 'fastest'")
     monkeypatch.delenv("MMGPT_BACKEND")
-    _fails(out + ["--set", "model.n_embd=36", "--set", "model.n_head=3"], capsys,
-           r"model: n_head: expected a head dim \(width / heads\) that is a multiple of 8 in \[8, 256\], got 12")
+    _fails(out + ["--set", "model.n_embd=520", "--set", "model.n_head=2"], capsys,
+           r"model: n_head: expected a head dim \(width / heads\) in \[1, 256\], got 260")
     _fails(out + ["--init_from", str(tmp_path / "no_model")], capsys, r"--init_from: no such file or folder")
     _fails(out + ["--precision", "fp16"], capsys, r"fp16 is not supported by DeepSpeed's CPU accelerator")
     blocker = tmp_path / "a_file"
