@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import reference
+from . import eager, reference
 from ._checks import check_kernel_dtype, check_same_device, check_same_dtype, check_tensor
 from ._dispatch import attention_backend, kernels, resolve_backend
 
@@ -339,7 +339,7 @@ def flash_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, pr
                                       cu_seqlens_k, max_seqlen_k, window_size, softcap, alibi_slopes)
     chosen = resolve_backend(backend, q.device)
     if chosen == "torch":
-        return reference.flash_attention(q, k, v, causal=checked.causal, prefix_len=prefix_len,
+        return eager.flash_attention(q, k, v, causal=checked.causal, prefix_len=prefix_len,
                                          cu_seqlens=cu_seqlens, softmax_scale=checked.softmax_scale,
                                          return_lse=return_lse, cu_seqlens_k=checked.cu_seqlens_k,
                                          window_size=checked.window, softcap=checked.softcap,

@@ -6,9 +6,9 @@ tests compare against); this module is what a CPU run (or `backend="torch"` anyw
 Each function handles the common cases itself and hands anything else (an option the fast route
 cannot express exactly) to the reference, so the two never disagree on what an op means:
   - 16-bit inputs are computed in float32 and cast back, as the reference and the kernels do;
-  - attention: SDPA with a boolean mask (causal bottom-right, prefix-LM, window, per-sequence
-    blocks of a packed batch), GQA without repeating k/v; `return_lse`, softcap and ALiBi go to
-    the reference;
+  - attention: SDPA with a boolean mask (causal bottom-right, prefix-LM, sliding window,
+    per-sequence blocks of a packed batch), GQA without repeating k/v; `return_lse`, softcap,
+    ALiBi, separate key offsets and a window over packed sequences go to the reference;
   - a softmax row or an attention query that sees nothing gives 0 (SDPA's own rule on the CPU);
   - cross-entropy's mean over no scored row is 0, not NaN.
 """
@@ -107,8 +107,9 @@ def _packed_keep(cu_seqlens: torch.Tensor, causal: bool, prefix) -> torch.Tensor
 
 def flash_attention(q, k, v, *, causal=False, prefix_len=None, cu_seqlens=None, max_seqlen=None,
                     softmax_scale=None, return_lse=False, **options):
+    window = tuple(options.get("window_size") or (-1, -1))
     plain = not return_lse and not options.get("softcap") and options.get("alibi_slopes") is None \
-        and options.get("cu_seqlens_k") is None and tuple(options.get("window_size", (-1, -1))) == (-1, -1)
+        and options.get("cu_seqlens_k") is None and (window == (-1, -1) or cu_seqlens is None)
     if not plain:
         return reference.flash_attention(q, k, v, causal=causal, prefix_len=prefix_len, cu_seqlens=cu_seqlens,
                                          max_seqlen=max_seqlen, softmax_scale=softmax_scale,
@@ -118,8 +119,9 @@ def flash_attention(q, k, v, *, causal=False, prefix_len=None, cu_seqlens=None, 
     s_q, s_k = q.shape[1], k.shape[1]
     if cu_seqlens is not None:
         keep = _packed_keep(cu_seqlens, causal, prefix_len)
-    elif causal:
-        keep = reference.attention_keep_mask(s_q, s_k, causal=True, prefix_len=prefix_len, device=q.device)
+    elif causal or window != (-1, -1):
+        keep = reference.attention_keep_mask(s_q, s_k, causal=causal, prefix_len=prefix_len, window_size=window,
+                                             device=q.device)
         if keep is not None and keep.dim() == 3:
             keep = keep.unsqueeze(1)  # (B, 1, S_q, S_k): one prefix per batch element
     else:

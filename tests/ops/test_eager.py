@@ -36,6 +36,9 @@ ATTENTION_CASES = [
     dict(heads=(6, 2)),                           # GQA
     dict(packed=[5, 1, 14], causal=True),
     dict(packed=[7, 12, 11], prefix_len=torch.tensor([3, 12, 0], dtype=torch.int32)),
+    dict(causal=True, window_size=(6, 0)),        # Mistral's sliding window
+    dict(window_size=(4, 3), s_q=20),             # two-sided, S_q < S_k
+    dict(prefix_len=9, window_size=(5, 0)),       # the image prefix keeps seeing itself past the window
 ]
 
 
