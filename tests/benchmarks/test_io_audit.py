@@ -169,7 +169,7 @@ def test_a_kernel_that_reads_its_input_twice_is_caught(calibration):
     assert ratio == 1.5 and not ratio <= 1.05
 
 
-@emulated
+@pytest.mark.xdist_group("cuda_emulated")  # the plain build's tests (tests/ops/test_cuda_emulated.py): built once
 def test_counting_needs_the_counting_build():
     try:
         plain = cuda_emulator.EmulatedExtension(cuda_emulator.build(""))
