@@ -30,10 +30,15 @@ from .cross_entropy import _kernel_backend, check_class_indices, check_options
 from .reference import IGNORE_INDEX
 
 
+MIN_CHUNK_ROWS = 256
+
+
 def default_chunk_size(tokens: int, hidden: int, vocab: int) -> int:
     """Rows per chunk: a power of two near tokens * hidden / vocab, so that one chunk of logits
-    is about as large as the hidden states themselves (Liger-Kernel's choice)."""
-    rows = max(1, math.ceil(tokens * hidden / max(vocab, 1)))
+    is about as large as the hidden states themselves (Liger-Kernel's choice), but at least
+    MIN_CHUNK_ROWS (a thinner matmul runs well below the machine's rate: 1.7x the time of the
+    unchunked path on a CPU at 64 rows, 1.17x at 256) and at most all the tokens."""
+    rows = max(MIN_CHUNK_ROWS, math.ceil(tokens * hidden / max(vocab, 1)))
     return max(1, min(tokens, 1 << (rows - 1).bit_length()))
 
 
@@ -176,6 +181,9 @@ def _lce_setup_context(ctx, inputs, output):
      need_dweight, need_dbias) = inputs
     _, dh, dw, db = output
     ctx.mark_non_differentiable(dh, dw, db)
+    # no zeros for the gradient outputs' own (unused) gradients: those would be a d weight-sized
+    # allocation at the start of the backward
+    ctx.set_materialize_grads(False)
     ctx.reduction = reduction
     ctx.needs = (need_dhidden, need_dweight, need_dbias)
     ctx.has_bias = bias is not None
@@ -189,6 +197,8 @@ def _lce_setup_context(ctx, inputs, output):
 
 def _lce_backward(ctx, dloss, _ddh, _ddw, _ddb):
     need_dhidden, need_dweight, need_dbias = ctx.needs
+    if dloss is None:  # the loss itself took no part in what is differentiated
+        return (None,) * 12
     if ctx.reduction == "none":
         hidden, weight, target, bias = ctx.saved_tensors
         ignore_index, label_smoothing, chunk_size, backend = ctx.args

@@ -159,8 +159,9 @@ def test_no_tensor_as_large_as_the_logits_is_ever_allocated(reduction, backend):
 
 def test_default_chunk_size_makes_a_chunk_of_logits_about_the_hidden_states():
     assert default_chunk_size(8192, 4096, 128256) == 512   # Llama 3: 8192 * 4096 / 128256 = 261.6 -> 512
-    assert default_chunk_size(10, 4096, 32000) == 2
-    assert default_chunk_size(5, 64, 10) == 5              # never more than the tokens
+    assert default_chunk_size(65536, 4096, 32000) == 16384  # a chunk of logits the size of the hidden states
+    assert default_chunk_size(8192, 896, 151936) == 256    # Qwen2-0.5B: 48 rows would be a thin matmul
+    assert default_chunk_size(10, 4096, 32000) == 10       # never more than the tokens
     assert default_chunk_size(1, 8, 1000) == 1
 
 
