@@ -121,7 +121,7 @@ class KernelPatch:
     attention: the attention modules now on the "mmgpt" implementation; norms: the norm modules
     whose forward is ours; loss: whether model.loss_function is ours; untouched: what stays as
     it was, and why."""
-    model: PreTrainedModel
+    model: PreTrainedModel = field(repr=False)
     backend: Optional[str]
     attention: list[str] = field(default_factory=list)
     norms: list[str] = field(default_factory=list)
