@@ -32,6 +32,14 @@ def assert_close_to_truth(name, got, truth, torch_lowp, *, factor=2.0, floor=Non
     assert torch.isfinite(got).all() or not torch.isfinite(truth).all(), f"{name}: non-finite values"
 
 
+def count_dense_attention(monkeypatch) -> None:
+    """The torch backend's attention as the reference's two dense matmuls (the fast path runs SDPA,
+    which torch's FLOP counter counts its own way): what FLOP formulas are checked against."""
+    from mmgpt_engine.ops import eager, reference
+
+    monkeypatch.setattr(eager, "flash_attention", reference.flash_attention)
+
+
 def kernel_backends():
     """The non-reference backends that run here (triton interpreted on CPU, cuda on a GPU)."""
     return [b for b in available_backends() if b != "torch"]

@@ -6,6 +6,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from mmgpt_engine.model import PRESETS, ModelConfig, MultimodalGPT
+from tests.helpers import count_dense_attention
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -103,10 +104,11 @@ def test_param_counts_match_the_model(overrides):
 
 
 @pytest.mark.parametrize("overrides", VARIANTS[:2])
-def test_flops_per_token_matches_counted_matmuls(overrides):
-    """The formula against torch's FLOP counter on one fwd + bwd (torch backend: the reference
-    attention is two dense matmuls, counted without the causal halving, as the formula). The
-    counter skips bias adds and norms, and the image needs no input gradient, so allow 3%."""
+def test_flops_per_token_matches_counted_matmuls(overrides, monkeypatch):
+    """The formula against torch's FLOP counter on one fwd + bwd (the reference attention: two
+    dense matmuls, counted without the causal halving, as the formula). The counter skips bias
+    adds and norms, and the image needs no input gradient, so allow 3%."""
+    count_dense_attention(monkeypatch)
     cfg = ModelConfig.from_preset("tiny", n_layer=2, **overrides)
     model = MultimodalGPT(cfg, backend="torch")
     b, t = 2, 21

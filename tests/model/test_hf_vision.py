@@ -12,6 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from mmgpt_engine.model import MultimodalGPT
 from mmgpt_engine.model.connectors import pixel_shuffle
 from mmgpt_engine.ops import available_backends
+from tests.helpers import count_dense_attention
 from tests.model.tiny_hf import save_processor, save_text, save_vision
 
 transformers = pytest.importorskip("transformers")
@@ -82,10 +83,11 @@ def test_siglip_post_norm_gives_last_hidden_state(tmp_path, text_folder):
 
 
 @pytest.mark.parametrize("connector, tokens", [("mlp2x_gelu", 16), ("linear", 16), ("pixel_shuffle", 4)])
-def test_connectors_counts_and_flops(tmp_path, text_folder, connector, tokens):
+def test_connectors_counts_and_flops(tmp_path, text_folder, connector, tokens, monkeypatch):
     """Image tokens per connector; num_params and flops_per_token count the text tower, the vision
-    layers that run and the connector (FLOPs against torch's counter, which skips bias adds and
-    norms, so within 3% as tests/model/test_config.py)."""
+    layers that run and the connector (FLOPs against torch's counter on the dense reference
+    attention, which skips bias adds and norms, so within 3% as tests/model/test_config.py)."""
+    count_dense_attention(monkeypatch)
     save_vision(tmp_path, "clip")
     model = MultimodalGPT.from_pretrained_towers(text_folder, tmp_path, connector=connector, backend="torch")
     c = model.config

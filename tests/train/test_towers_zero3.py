@@ -158,12 +158,14 @@ def towers(tmp_path_factory):
     """A tiny Llama (GQA 6/2, head dim 48, untied) with a tokenizer over the built-in captions'
     words, and a tiny CLIP vision model, saved by transformers."""
     from mmgpt_engine.data import get_tokenizer
-    from tests.model.tiny_hf import save_text, save_vision
+    from tests.model.tiny_hf import save_processor, save_text, save_vision
 
     root = tmp_path_factory.mktemp("towers")
     save_text(root / "llama", "llama")
     get_tokenizer("shapes").save_pretrained(root / "llama")
     save_vision(root / "clip", "clip")
+    # the tower's image preparation, which the trainer applies to the built-in images
+    save_processor(root / "clip", "clip", size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     return root
 
 
