@@ -270,14 +270,15 @@ def memory_bound(arch: str, dtype: str = "bf16", sizes=(1024, 8192, 16384, 65536
         if n <= norms.MAX_N:
             block, warps = norms._block_and_warps(n)
             for is_rms, res in ((False, True), (True, False)):
-                flags = dict(HAS_W=True, HAS_B=not is_rms, IS_RMS=is_rms, BLOCK_N=block)
+                # RMSNorm with Llama's casting (xhat rounded before the weight), LayerNorm without
+                flags = dict(HAS_W=True, HAS_B=not is_rms, IS_RMS=is_rms, BLOCK_N=block, CAST_XHAT=is_rms)
                 yield compile_triton(norms.norm_fwd_kernel, arch, dict(flags, HAS_RES=res),
                                      dict({p: t for p in ("X", "RES", "W", "B", "Y", "H")}, MEAN="*fp32", RSTD="*fp32"),
-                                     {"eps"}, warps, 1, dict(n=n, dtype=dtype, rms=is_rms, residual=res))
+                                     {"eps", "offset"}, warps, 1, dict(n=n, dtype=dtype, rms=is_rms, residual=res))
                 yield compile_triton(norms.norm_bwd_kernel, arch, dict(flags, HAS_DH=res),
                                      dict({p: t for p in ("DY", "DH", "H", "W", "DX")}, MEAN="*fp32", RSTD="*fp32",
                                           DW_PARTIAL="*fp32", DB_PARTIAL="*fp32"),
-                                     set(), warps, 1, dict(n=n, dtype=dtype, rms=is_rms, residual=res))
+                                     {"offset"}, warps, 1, dict(n=n, dtype=dtype, rms=is_rms, residual=res))
         block, single, warps = softmax._tiling(n)
         for has_mask in (False, True):
             yield compile_triton(softmax.softmax_fwd_kernel, arch,
@@ -288,12 +289,16 @@ def memory_bound(arch: str, dtype: str = "bf16", sizes=(1024, 8192, 16384, 65536
         yield compile_triton(softmax.softmax_bwd_kernel, arch, dict(BLOCK_N=block, SINGLE_TILE=single),
                              {"DY": t, "Y": t, "DX": t}, {"scale"}, warps, 1, dict(n=n, dtype=dtype))
         block, warps = ce._block(n)
-        yield compile_triton(ce.cross_entropy_fwd_kernel, arch, dict(BLOCK=block),
-                             {"LOGITS": t, "TARGET": "*i64", "LOSS": "*fp32", "LSE": "*fp32"}, set(), warps, 1,
-                             dict(n=n, dtype=dtype))
-        yield compile_triton(ce.cross_entropy_bwd_kernel, arch, dict(BLOCK=block),
-                             {"DLOSS": "*fp32", "LOGITS": t, "TARGET": "*i64", "LSE": "*fp32", "DLOGITS": t},
-                             set(), warps, 1, dict(n=n, dtype=dtype))
+        weights = {"CLASS_WEIGHT": "*fp32", "CLASS_WEIGHT_SUM": "*fp32"}
+        for options in (False, True):  # plain, and every option (class weights, smoothing, softcap, z-loss)
+            flags = dict(HAS_WEIGHT=options, HAS_SMOOTHING=options, HAS_SOFTCAP=options)
+            yield compile_triton(ce.cross_entropy_fwd_kernel, arch, dict(flags, BLOCK=block),
+                                 dict({"LOGITS": t, "TARGET": "*i64", "LOSS": "*fp32", "LSE": "*fp32"}, **weights),
+                                 {"label_smoothing", "softcap"}, warps, 1, dict(n=n, dtype=dtype, options=options))
+            yield compile_triton(ce.cross_entropy_bwd_kernel, arch, dict(flags, HAS_DLSE=options, BLOCK=block),
+                                 dict({"DLOSS": "*fp32", "LOGITS": t, "TARGET": "*i64", "LSE": "*fp32", "DLOGITS": t,
+                                       "DLSE": "*fp32"}, **weights),
+                                 {"label_smoothing", "softcap"}, warps, 1, dict(n=n, dtype=dtype, options=options))
 
 
 # ------------------------------------------------------------------------------------ cuda

@@ -35,6 +35,16 @@ def test_softmax_reads_and_writes_each_row_once(n):
 
 @needs_triton
 @pytest.mark.parametrize("n", HIDDEN)
+@pytest.mark.parametrize("kind,dtype,residual", [("layer", F16, True), ("rms", BF16, False)])
+def test_triton_norms_read_each_row_once_and_their_parameters_once_a_program(kind, dtype, residual, n):
+    """64 rows over the interpreter's 4 programs: the weight (and bias) is read 4 times, each row
+    once; a kernel that read the parameters once per row would be at ~1.33 (LayerNorm + residual)."""
+    rows = _by_pass(io_audit.audit_norm(kind, 64, n, dtype, residual))
+    assert rows["fwd"].ratio <= 1.05 and rows["bwd"].ratio <= 1.15, rows
+
+
+@needs_triton
+@pytest.mark.parametrize("n", HIDDEN)
 def test_cross_entropy_reads_the_logits_once_a_pass(n):
     rows = _by_pass(io_audit.audit_cross_entropy(8, n, BF16))
     assert rows["fwd"].ratio <= 1.05 and rows["bwd"].ratio <= 1.15, rows

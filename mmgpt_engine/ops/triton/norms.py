@@ -5,9 +5,10 @@ Options: `offset` is added to the weight as it is read (Gemma's RMSNorm scales b
 CAST_XHAT rounds the normalised row to the input's dtype before the weight multiplies it (the
 "llama" casting of Llama/Mistral/Qwen2's RMSNorm in transformers; without it, all arithmetic is
 float32 and the output is rounded once, Gemma's casting).
-Forward: one program per row, the whole row in registers (hidden sizes up to MAX_N).
-Backward: a fixed number of programs each walks a contiguous slab of rows, writes dx per row and
-keeps its weight/bias gradient partial sums in registers; the (programs, N) partials are then
+Forward and backward: a fixed number of programs each walks a contiguous slab of rows, the whole
+row in registers (hidden sizes up to MAX_N), the weight and bias read once per program rather than
+once per row (benchmarks.io_audit counts it); the backward writes dx per row and keeps its
+weight/bias gradient partial sums in registers; the (programs, N) partials are then
 summed by torch: a parallel two-stage reduction with no atomics, so results are deterministic.
 """
 from __future__ import annotations
@@ -23,37 +24,45 @@ MAX_N = 65536
 def norm_fwd_kernel(
     X, RES, W, B, Y, H, MEAN, RSTD,
     stride_x, stride_res, stride_y, stride_h,
-    N, eps, offset,
+    R, N, rows_per_program, eps, offset,
     HAS_RES: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr, IS_RMS: tl.constexpr,
     BLOCK_N: tl.constexpr, CAST_XHAT: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
     inside = cols < N
-    x = tl.load(X + row * stride_x + cols, mask=inside, other=0.0)
-    if HAS_RES:
-        r = tl.load(RES + row * stride_res + cols, mask=inside, other=0.0)
-        # round h to the input dtype before normalising, so forward and backward see the same h
-        h = (x.to(tl.float32) + r.to(tl.float32)).to(H.dtype.element_ty)
-        tl.store(H + row * stride_h + cols, h, mask=inside)
-        x = h
-    x = x.to(tl.float32)
-    if IS_RMS:
-        xc = x
-    else:
-        mean = tl.sum(x, axis=0) / N
-        xc = tl.where(inside, x - mean, 0.0)
-        tl.store(MEAN + row, mean)
-    rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / N + eps)
-    tl.store(RSTD + row, rstd)
-    y = xc * rstd
-    if CAST_XHAT:
-        y = y.to(X.dtype.element_ty).to(tl.float32)
+    row_start = pid.to(tl.int64) * rows_per_program  # int64 loop index: no offset overflow
+    row_end = tl.minimum(row_start + rows_per_program, R)
+    # the parameters are read once per program, not once per row
     if HAS_W:
-        y = y * (tl.load(W + cols, mask=inside, other=0.0).to(tl.float32) + offset)
+        w = tl.load(W + cols, mask=inside, other=0.0).to(tl.float32) + offset
     if HAS_B:
-        y = y + tl.load(B + cols, mask=inside, other=0.0).to(tl.float32)
-    tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=inside)
+        b = tl.load(B + cols, mask=inside, other=0.0).to(tl.float32)
+    for row in range(row_start, row_end):
+        x = tl.load(X + row * stride_x + cols, mask=inside, other=0.0)
+        if HAS_RES:
+            r = tl.load(RES + row * stride_res + cols, mask=inside, other=0.0)
+            # round h to the input dtype before normalising, so forward and backward see the same h
+            h = (x.to(tl.float32) + r.to(tl.float32)).to(H.dtype.element_ty)
+            tl.store(H + row * stride_h + cols, h, mask=inside)
+            x = h
+        x = x.to(tl.float32)
+        if IS_RMS:
+            xc = x
+        else:
+            mean = tl.sum(x, axis=0) / N
+            xc = tl.where(inside, x - mean, 0.0)
+            tl.store(MEAN + row, mean)
+        rstd = 1.0 / tl.sqrt(tl.sum(xc * xc, axis=0) / N + eps)
+        tl.store(RSTD + row, rstd)
+        y = xc * rstd
+        if CAST_XHAT:
+            y = y.to(X.dtype.element_ty).to(tl.float32)
+        if HAS_W:
+            y = y * w
+        if HAS_B:
+            y = y + b
+        tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=inside)
 
 
 @triton.jit
@@ -135,11 +144,12 @@ def norm_fwd(x, weight, bias, residual, eps, is_rms, offset=0.0, cast_xhat=False
     if r == 0:
         return y, h, mean, rstd
     res = residual if residual is not None else x
-    norm_fwd_kernel[(r,)](
+    programs = _num_programs(r, x.device)
+    norm_fwd_kernel[(programs,)](
         x, res, weight if weight is not None else x, bias if bias is not None else x, y,
         h if residual is not None else y, mean if not is_rms else rstd, rstd,
         x.stride(0), res.stride(0), y.stride(0), h.stride(0) if residual is not None else y.stride(0),
-        n, eps, float(offset),
+        r, n, triton.cdiv(r, programs), eps, float(offset),
         HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None, IS_RMS=is_rms,
         BLOCK_N=block, CAST_XHAT=cast_xhat, num_warps=warps,
     )
