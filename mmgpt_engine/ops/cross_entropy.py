@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import reference
+from . import eager
 from .reference import IGNORE_INDEX
 from ._checks import INDEX_DTYPES, check_choice, check_kernel_dtype, check_same_device, check_tensor
 from ._dispatch import kernels, resolve_backend, unavailable_reason
@@ -232,7 +232,7 @@ def cross_entropy(logits: Tensor, target: Tensor, *, ignore_index: int = IGNORE_
     chosen = resolve_backend(backend, logits.device)
     if chosen == "torch":
         check_class_indices(target, v, ignore_index)
-        out = reference.cross_entropy(logits, target, ignore_index, reduction, weight=weight,
+        out = eager.cross_entropy(logits, target, ignore_index, reduction, weight=weight,
                                       label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
                                       softcap=softcap or None, return_z_loss=return_z_loss)
         if logits.dtype == torch.float64:

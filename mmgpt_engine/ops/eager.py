@@ -38,7 +38,9 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5, residual=None):
     return y if residual is None else (y, h)
 
 
-def rms_norm(x, weight=None, eps=1e-6, residual=None):
+def rms_norm(x, weight=None, eps=1e-6, residual=None, *, offset=0.0, casting_mode="gemma"):
+    if offset or casting_mode != "gemma":
+        return reference.rms_norm(x, weight, eps, residual=residual, offset=offset, casting_mode=casting_mode)
     h = x if residual is None else x + residual
     hc = _compute(h)
     w = weight.to(hc.dtype) if weight is not None else None
@@ -67,6 +69,8 @@ def softmax(x, scale=1.0, mask=None, causal=False):
 
 # --------------------------------------------------------------------------------- cross-entropy
 def cross_entropy(logits, target, ignore_index=reference.IGNORE_INDEX, reduction="mean", **options):
+    """options: reference.cross_entropy's keywords (weight, label_smoothing, lse_square_scale,
+    softcap, return_z_loss)."""
     if any(options.get(k) for k in ("lse_square_scale", "softcap", "return_z_loss")):
         return reference.cross_entropy(logits, target, ignore_index, reduction, **options)
     smoothing = float(options.get("label_smoothing", 0.0) or 0.0)

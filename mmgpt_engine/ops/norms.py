@@ -24,7 +24,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import reference
+from . import eager
 from ._checks import check_choice, check_kernel_dtype, check_like, check_param, check_positive, check_tensor
 from ._dispatch import kernels, resolve_backend, unavailable_reason
 
@@ -203,9 +203,9 @@ def _norm(x, weight, bias, residual, eps, is_rms, backend, offset=0.0, llama_cas
     chosen = resolve_backend(backend, x.device)
     if chosen == "torch":
         if is_rms:
-            return reference.rms_norm(x, weight, eps, residual=residual, offset=offset,
-                                      casting_mode="llama" if llama_cast else "gemma")
-        return reference.layer_norm(x, weight, bias, eps, residual=residual)
+            return eager.rms_norm(x, weight, eps, residual=residual, offset=offset,
+                                  casting_mode="llama" if llama_cast else "gemma")
+        return eager.layer_norm(x, weight, bias, eps, residual=residual)
     check_kernel_dtype("x", x, chosen)
     options = [name for name, used in (("offset", offset != 0), ("casting_mode", llama_cast),
                                        ("in_place", in_place)) if used]
