@@ -90,6 +90,8 @@ class ModelConfig:
     rope_theta: float = 10000.0
     init_std: float = 0.02
     gradient_checkpointing: bool = False
+    fused_linear_ce: Optional[bool] = None   # LM head + loss without the logits (ops.linear_cross_entropy);
+                                             # None: on for vocabularies of 32k and more
 
     def __post_init__(self):
         if self.n_kv_head is None:

@@ -49,7 +49,9 @@ OPS_HAS_WINDOW = "window_size" in inspect.signature(ops.flash_attention).paramet
 @dataclass
 class ModelOutput:
     loss: Optional[Tensor]      # mean cross-entropy over scored text tokens (float32); None without labels
-    logits: Tensor              # (B, T, vocab) for the text positions only
+    # (B, T, vocab) for the text positions only; None where the loss came from the fused LM head +
+    # cross-entropy, which never holds them (config.fused_linear_ce)
+    logits: Optional[Tensor]
 
 
 @dataclass
@@ -87,6 +89,7 @@ class MultimodalGPT(nn.Module):
         if self.vision is not None:
             self.vision.reset_parameters()
         self.gradient_checkpointing = c.gradient_checkpointing
+        self.fused_linear_ce = c.fused_linear_ce if c.fused_linear_ce is not None else c.vocab_size >= 32000
         # a run setting (the trainer turns it on under ZeRO-3): in training, a batch without images
         # still runs the vision encoder (on a blank image, its output times 0), so that every rank
         # takes part in the gathers of its partitioned parameters at every step
@@ -152,12 +155,19 @@ class MultimodalGPT(nn.Module):
 
     def loss_from_hidden(self, hidden: Tensor, labels: Tensor, cu_seqlens: Optional[Tensor] = None):
         """(mean cross-entropy, logits) of the text positions' final hidden states (B, T, d): the
-        one place where the LM head meets the loss, so a fused head + cross-entropy can replace both."""
+        one place where the LM head meets the loss. With `fused_linear_ce` (config; by default for
+        vocabularies of 32k and more) the head and the loss run chunk by chunk in
+        ops.linear_cross_entropy, which never holds the (tokens, vocab) logits, and logits is None."""
         # shift the (small, integer) labels rather than the logits, so the loss reads the logits
         # in place: target[t] = labels[t + 1]; the last position of every sample scores nothing
         target = F.pad(labels[:, 1:], (0, 1), value=ops.IGNORE_INDEX)
         if cu_seqlens is not None:
             target[0, cu_seqlens[1:].long() - 1] = ops.IGNORE_INDEX
+        if self.fused_linear_ce:
+            weight = self.wte.weight if self.lm_head is None else self.lm_head.weight
+            loss = ops.linear_cross_entropy(hidden, weight.to(hidden.dtype), target, ignore_index=ops.IGNORE_INDEX,
+                                            backend=self._backend)
+            return loss, None
         logits = self.logits(hidden)
         loss = ops.cross_entropy(logits, target, ignore_index=ops.IGNORE_INDEX, backend=self._backend)
         return loss, logits

@@ -199,3 +199,26 @@ def test_backend_reaches_every_op(monkeypatch):
     model(ids, images, labels=ids)
     assert {n for n, _ in seen} == {"flash_attention", "layer_norm", "cross_entropy"}
     assert all(b == "torch" for _, b in seen)
+
+
+def test_the_fused_lm_head_loss_equals_logits_then_cross_entropy():
+    """config.fused_linear_ce: the same loss and gradients as the logits + cross-entropy path,
+    without the logits (on by default from a 32k vocabulary)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset("tiny", n_layer=1, n_embd=32, n_head=2, vision_layers=1, vision_width=32,
+                                  vision_heads=2, vocab_size=32000, tie_embeddings=False)
+    fused = MultimodalGPT(cfg, backend="torch").double()
+    plain = MultimodalGPT(cfg.replace(fused_linear_ce=False), backend="torch").double()
+    plain.load_state_dict(fused.state_dict())
+    assert fused.fused_linear_ce and not plain.fused_linear_ce
+    ids = torch.randint(0, 32000, (2, 9))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    a, b = fused(ids, images, labels), plain(ids, images, labels)
+    assert a.logits is None and b.logits is not None
+    torch.testing.assert_close(a.loss, b.loss, rtol=1e-12, atol=1e-12)
+    a.loss.backward()
+    b.loss.backward()
+    for (name, p), q in zip(fused.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12, msg=name)
