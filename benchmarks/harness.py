@@ -44,6 +44,7 @@ class Skip(Exception):
 class Settings:
     quick: bool = False
     dry_run: bool = False
+    cpu: bool = False       # real timings on the CPU (`--device cpu`): the torch backend's path
     # do_bench budgets in milliseconds (warm-up, timed repetitions)
     warmup_ms: float = 25.0
     rep_ms: float = 100.0
@@ -52,9 +53,11 @@ class Settings:
     time_budget_s: Optional[float] = None
 
     @classmethod
-    def make(cls, quick: bool, dry_run: bool, time_budget_s: Optional[float] = None) -> "Settings":
+    def make(cls, quick: bool, dry_run: bool, time_budget_s: Optional[float] = None, cpu: bool = False) -> "Settings":
         if dry_run:
             return cls(quick=True, dry_run=True, cpu_reps=1, time_budget_s=time_budget_s)
+        if cpu:
+            return cls(quick=quick, cpu=True, cpu_reps=7 if quick else 15, time_budget_s=time_budget_s)
         if quick:
             # `make gpu-check` runs the quick sweep within ~4 minutes on an H100
             return cls(quick=True, warmup_ms=5.0, rep_ms=20.0,
@@ -67,7 +70,7 @@ class Context:
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.device = torch.device("cpu" if settings.dry_run else "cuda")
+        self.device = torch.device("cpu" if settings.dry_run or settings.cpu else "cuda")
         self.rows: list[dict] = []
         self.skipped: list[dict] = []     # implementations missing for the whole run, with the reason
         self.errors: list[dict] = []      # a suite that crashed: the others still ran
@@ -107,7 +110,11 @@ class Context:
         """(median ms, peak MiB allocated above what was held before the call; None on CPU).
         rep_ms: do_bench's budget for the timed calls, for work much longer than a kernel."""
         if not self.is_cuda:
-            # the dry run only exercises the harness: CPU times mean nothing, so no warm-up either
+            # the dry run only exercises the harness (no warm-up: its times mean nothing); a CPU run
+            # warms up (allocations, torch.compile) and takes the median of several calls
+            if self.settings.cpu:
+                _clear_grads(leaves)
+                fn()
             times = []
             for _ in range(self.settings.cpu_reps):
                 _clear_grads(leaves)
@@ -327,7 +334,8 @@ def device_facts(ctx: Context) -> dict:
     if not ctx.is_cuda:
         import platform
 
-        return {"name": f"cpu ({platform.machine()}, dry run)", "type": "cpu"}
+        what = "dry run" if ctx.settings.dry_run else f"{torch.get_num_threads()} thread(s)"
+        return {"name": f"cpu ({platform.machine()}, {what})", "type": "cpu", "threads": torch.get_num_threads()}
     props = torch.cuda.get_device_properties(ctx.device)
     return {"name": props.name, "type": "cuda", "capability": f"{props.major}.{props.minor}",
             "multiprocessors": props.multi_processor_count, "memory_gib": round(props.total_memory / 2**30, 1),
@@ -349,6 +357,8 @@ def measure_ceilings(ctx: Context) -> dict:
     and the bf16 matmul rate on random data. The dense datasheet peak is added where known."""
     if ctx.settings.dry_run:
         copy_elems, n = 1 << 20, 256
+    elif ctx.settings.cpu:
+        copy_elems, n = 1 << 24, 1024
     else:
         copy_elems, n = (1 << 28) if ctx.settings.quick else (1 << 29), 8192
     src = ctx.randn(copy_elems, dtype=torch.bfloat16)
@@ -382,7 +392,8 @@ class CompileCache:
     The dry run uses the 'eager' backend (dynamo tracing only): inductor's CPU build is too slow."""
 
     def __init__(self, ctx: Context):
-        self.backend = "eager" if ctx.settings.dry_run else "inductor"
+        options = getattr(ctx, "options", None)
+        self.backend = "eager" if ctx.settings.dry_run else getattr(options, "compile_backend", "inductor")
         self.key = None
         self.fn = None
 
@@ -400,6 +411,8 @@ def kernel_backends(ctx: Context, op: str) -> list[str]:
     are recorded as skipped with the dispatcher's reason."""
     from mmgpt_engine import ops
 
+    if ctx.settings.cpu:  # the CPU path is the torch backend (ops.eager)
+        return ["torch"]
     wanted = ["triton", "cuda"] + (["torch"] if ctx.settings.dry_run else [])
     runnable = []
     for backend in wanted:

@@ -33,6 +33,13 @@ def parse_args(argv: Optional[Sequence[str]], default_only: Optional[Sequence[st
     parser.add_argument("--quick", action="store_true", help="a short sweep (a few minutes on an H100)")
     parser.add_argument("--dry-run", action="store_true",
                         help="exercise the harness on the CPU with tiny shapes (Triton interpreted); no GPU needed")
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                        help="cpu: real timings of the CPU path (the torch backend, ops.eager) against PyTorch's "
+                             "own ways (eager, SDPA, torch.compile) at the models' shapes, one thread")
+    parser.add_argument("--threads", type=int, default=1, help="--device cpu: torch threads (default 1)")
+    parser.add_argument("--compile-backend", default="inductor", choices=("inductor", "eager"),
+                        help="torch.compile's backend for the torch-compile rows (eager: tracing only, for a "
+                             "quick check of the harness)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT})")
     parser.add_argument("--only", default=",".join(default_only or SUITES),
                         help=f"comma-separated suites among {','.join(SUITES)} (default: all)")
@@ -86,7 +93,10 @@ def main(argv: Optional[Sequence[str]] = None, default_only: Optional[Sequence[s
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import torch
 
-    if not args.dry_run and not torch.cuda.is_available():
+    cpu = args.device == "cpu" and not args.dry_run
+    if cpu:
+        torch.set_num_threads(args.threads)
+    if not args.dry_run and not cpu and not torch.cuda.is_available():
         print("benchmarks: no CUDA device is visible, so there is nothing to measure. "
               "Run with --dry-run to exercise the harness on the CPU.", file=sys.stderr)
         return 2
@@ -94,12 +104,17 @@ def main(argv: Optional[Sequence[str]] = None, default_only: Optional[Sequence[s
     from . import report
     from .harness import DEFAULT_OUT, Context, Settings, device_facts, git_commit, measure_ceilings, versions
 
-    ctx = Context(Settings.make(args.quick, args.dry_run, args.time_budget))
+    ctx = Context(Settings.make(args.quick, args.dry_run, args.time_budget, cpu=cpu))
     if not ctx.settings.time_budget_s:
         ctx.settings.time_budget_s = None
     ctx.options = args
     facts = device_facts(ctx)
-    mode = "dry-run" if args.dry_run else ("quick" if args.quick else "full")
+    if args.dry_run:
+        mode = "dry-run"
+    elif cpu:
+        mode = "cpu-quick" if args.quick else "cpu"
+    else:
+        mode = "quick" if args.quick else "full"
     now = datetime.datetime.now(datetime.timezone.utc)
     print(f"benchmarks ({mode}) on {facts['name']}; {versions()}; suites: {','.join(args.only)}", flush=True)
     started = time.perf_counter()
@@ -114,7 +129,10 @@ def main(argv: Optional[Sequence[str]] = None, default_only: Optional[Sequence[s
             share = BUDGET_SHARE[name] / sum(BUDGET_SHARE[n] for n in args.only[i:])
             ctx.deadline = time.monotonic() + max(0.0, left) * share
         try:
-            importlib.import_module(f"{__package__}.{name}").run(ctx)
+            if cpu:
+                importlib.import_module(f"{__package__}.cpu").run(ctx, name)
+            else:
+                importlib.import_module(f"{__package__}.{name}").run(ctx)
         except KeyboardInterrupt:
             ctx.errors.append({"suite": name, "error": "interrupted"})
             wall[name] = time.perf_counter() - t0
@@ -133,7 +151,7 @@ def main(argv: Optional[Sequence[str]] = None, default_only: Optional[Sequence[s
     }
     out = args.out
     readme = args.readme if args.readme is not None else (
-        not args.dry_run and out.resolve() == DEFAULT_OUT.resolve())
+        not args.dry_run and not cpu and out.resolve() == DEFAULT_OUT.resolve())
     stem = result_stem(out, facts["name"], results["date"], args.only, args.dry_run)
     paths = report.write(results, out, stem, readme=report.README if readme else None)
     print(f"\nwall time: {sum(wall.values()):.1f} s ({', '.join(f'{k} {v:.1f}' for k, v in wall.items())})")

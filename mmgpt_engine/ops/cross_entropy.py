@@ -231,10 +231,17 @@ def cross_entropy(logits: Tensor, target: Tensor, *, ignore_index: int = IGNORE_
     v = logits.shape[-1]
     chosen = resolve_backend(backend, logits.device)
     if chosen == "torch":
-        check_class_indices(target, v, ignore_index)
-        out = eager.cross_entropy(logits, target, ignore_index, reduction, weight=weight,
+        # F.cross_entropy (ops.eager's route) refuses an out-of-range target itself, and the error
+        # is made ours below; the reference (z-loss, softcap) and a GPU are checked up front
+        if lse_square_scale > 0 or softcap > 0 or return_z_loss or logits.is_cuda:
+            check_class_indices(target, v, ignore_index)
+        try:
+            out = eager.cross_entropy(logits, target, ignore_index, reduction, weight=weight,
                                       label_smoothing=label_smoothing, lse_square_scale=lse_square_scale,
                                       softcap=softcap or None, return_z_loss=return_z_loss)
+        except (IndexError, RuntimeError):
+            check_class_indices(target, v, ignore_index)  # names the bad target, if that was the error
+            raise
         if logits.dtype == torch.float64:
             return out
         return tuple(o.float() for o in out) if return_z_loss else out.float()

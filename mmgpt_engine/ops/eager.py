@@ -14,6 +14,7 @@ cannot express exactly) to the reference, so the two never disagree on what an o
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -59,12 +60,27 @@ def softmax(x, scale=1.0, mask=None, causal=False):
         else:
             s = s + mask.to(s.dtype)
     if causal:
-        c = reference.causal_keep(x.shape[-2], x.shape[-1], x.device)
+        c = _causal_keep(x.shape[-2], x.shape[-1], x.device)
         keep = c if keep is None else keep & c
     if keep is None:
         return torch.softmax(s, dim=-1).to(x.dtype)
-    # a row with every column masked is 0, not NaN (as the reference and the kernels give)
-    return torch._safe_softmax(s.masked_fill(~keep, float("-inf")), -1).to(x.dtype)
+    s = s.masked_fill(~keep, float("-inf"))
+    # a row with every column masked is 0, not NaN (as the reference and the kernels give): the
+    # slower safe softmax only where the (broadcast, small) mask has such a row
+    if bool(keep.any(-1).all()):
+        return torch.softmax(s, dim=-1).to(x.dtype)
+    return torch._safe_softmax(s, -1).to(x.dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _causal_keep(m: int, n: int, device) -> torch.Tensor:
+    return reference.causal_keep(m, n, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _keep_mask(s_q: int, s_k: int, causal: bool, prefix_len: Optional[int], window: tuple, device):
+    return reference.attention_keep_mask(s_q, s_k, causal=causal, prefix_len=prefix_len, window_size=window,
+                                         device=device)
 
 
 # --------------------------------------------------------------------------------- cross-entropy
@@ -79,14 +95,17 @@ def cross_entropy(logits, target, ignore_index=reference.IGNORE_INDEX, reduction
     lc = _compute(logits).reshape(-1, v)
     t = target.reshape(-1)
     w = weight.to(lc.dtype) if weight is not None else None
+    kw = dict(weight=w, ignore_index=ignore_index, label_smoothing=smoothing)
     if reduction == "mean":
-        total = F.cross_entropy(lc, t, weight=w, ignore_index=ignore_index, reduction="sum",
-                                label_smoothing=smoothing)
         valid = t != ignore_index
+        if logits.device.type == "cpu":  # a host read is free here: PyTorch's own mean, unless nothing is scored
+            if bool(valid.any()):
+                return F.cross_entropy(lc, t, reduction="mean", **kw)
+            return lc.narrow(-1, 0, 0).sum()  # 0 with a zero gradient, where PyTorch's mean is NaN
+        total = F.cross_entropy(lc, t, reduction="sum", **kw)
         denom = valid.sum().to(lc.dtype) if w is None else w[t.clamp_min(0)].masked_fill(~valid, 0).sum()
         return total / torch.where(denom > 0, denom, torch.ones_like(denom))
-    loss = F.cross_entropy(lc, t, weight=w, ignore_index=ignore_index, reduction=reduction,
-                           label_smoothing=smoothing)
+    loss = F.cross_entropy(lc, t, reduction=reduction, **kw)
     return loss.reshape(target.shape) if reduction == "none" else loss
 
 
@@ -124,8 +143,11 @@ def flash_attention(q, k, v, *, causal=False, prefix_len=None, cu_seqlens=None, 
     if cu_seqlens is not None:
         keep = _packed_keep(cu_seqlens, causal, prefix_len)
     elif causal or window != (-1, -1):
-        keep = reference.attention_keep_mask(s_q, s_k, causal=causal, prefix_len=prefix_len, window_size=window,
-                                             device=q.device)
+        if isinstance(prefix_len, torch.Tensor):
+            keep = reference.attention_keep_mask(s_q, s_k, causal=causal, prefix_len=prefix_len, window_size=window,
+                                                 device=q.device)
+        else:  # the same few masks every step: built once
+            keep = _keep_mask(s_q, s_k, causal, prefix_len, window, q.device)
         if keep is not None and keep.dim() == 3:
             keep = keep.unsqueeze(1)  # (B, 1, S_q, S_k): one prefix per batch element
     else:
