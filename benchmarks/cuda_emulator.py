@@ -278,12 +278,13 @@ class Traffic:
         return self.read + self.written
 
     def by_kernel(self) -> list[dict]:
-        """{kernel, launches, read, written} per kernel, in launch order (a sliced grid or a repeated
-        call is one entry); read and written in bytes."""
+        """{kernel, launches, blocks, read, written} per kernel, in launch order (a sliced grid or a
+        repeated call is one entry); blocks: over all its launches; read and written in bytes."""
         out: dict[str, dict] = {}
         for x in self.launches:
-            e = out.setdefault(x.kernel, {"kernel": x.kernel, "launches": 0, "read": 0, "written": 0})
+            e = out.setdefault(x.kernel, {"kernel": x.kernel, "launches": 0, "blocks": 0, "read": 0, "written": 0})
             e["launches"] += 1
+            e["blocks"] += x.grid[0] * x.grid[1] * x.grid[2]
             e["read"] += sum(x.read.values())
             e["written"] += sum(x.written.values())
         return list(out.values())
@@ -346,12 +347,12 @@ def _short_name(demangled: str) -> str:
 # ------------------------------------------------------------------- the extension's stand-in
 class NormFwdParams(ctypes.Structure):
     _fields_ = [(n, _P) for n in ("x", "residual", "weight", "bias", "y", "h", "mean", "rstd")] + [
-        ("rows", _I64), ("n", _I32), ("eps", _F), ("is_rms", _B), ("aligned", _B)]
+        ("rows", _I64), ("n", _I32), ("eps", _F), ("param_dtype", _I32), ("is_rms", _B), ("aligned", _B)]
 
 
 class NormBwdParams(ctypes.Structure):
     _fields_ = [(n, _P) for n in ("dy", "dh", "h", "weight", "mean", "rstd", "dx", "dweight", "dbias", "partials")] + [
-        ("rows", _I64), ("n", _I32), ("is_rms", _B), ("aligned", _B)]
+        ("rows", _I64), ("n", _I32), ("param_dtype", _I32), ("is_rms", _B), ("aligned", _B)]
 
 
 class SoftmaxFwdParams(ctypes.Structure):
@@ -394,6 +395,12 @@ def _ptr(t):
 def _rows_aligned(n, tensors):
     tensors = [t for t in tensors if t is not None]
     return (n * tensors[0].element_size()) % 16 == 0 and all(t.data_ptr() % 16 == 0 for t in tensors)
+
+
+def _norm_param_dtype(x, *params):
+    """The dtype the norm kernels read weight and bias in (bindings.cpp's norm_param_type): x's where
+    every given parameter has it, else float32."""
+    return x.dtype if all(t is None or t.dtype == x.dtype for t in params) else torch.float32
 
 
 class EmulatedExtension:
@@ -442,16 +449,17 @@ class EmulatedExtension:
 
     def norm_fwd(self, x, weight, bias, residual, eps, is_rms):
         rows, n = x.shape
-        w = weight.float().contiguous() if weight is not None else None
-        b = bias.float().contiguous() if bias is not None else None
+        pt = _norm_param_dtype(x, weight, bias)
+        w = weight.to(pt).contiguous() if weight is not None else None
+        b = bias.to(pt).contiguous() if bias is not None else None
         y, h = torch.empty_like(x), torch.empty_like(x) if residual is not None else x.new_empty(0)
         mean = x.new_empty(0 if is_rms else rows, dtype=torch.float32)
         rstd = x.new_empty(rows, dtype=torch.float32)
         if rows and n:
             res = residual.contiguous() if residual is not None else None
             p = NormFwdParams(_ptr(x), _ptr(res), _ptr(w), _ptr(b), _ptr(y), _ptr(h) if res is not None else None,
-                              None if is_rms else _ptr(mean), _ptr(rstd), rows, n, eps, is_rms,
-                              _rows_aligned(n, [x, y, res, h if res is not None else None]))
+                              None if is_rms else _ptr(mean), _ptr(rstd), rows, n, eps, DTYPE_CODE[pt], is_rms,
+                              _rows_aligned(n, [x, y, res, h if res is not None else None, w, b]))
             self._call("norm_fwd", p, x.dtype, dict(x=x, residual=res, weight=w, bias=b, y=y,
                                                      h=h if res is not None else None, mean=mean, rstd=rstd))
         return y, h, mean, rstd
@@ -460,13 +468,16 @@ class EmulatedExtension:
         rows, n = h.shape
         dy = dy.to(h.dtype).reshape(rows, n).contiguous()
         dh = dh.to(h.dtype).reshape(rows, n).contiguous() if dh.numel() else None
-        w = weight.float().contiguous() if weight is not None else None
-        dw = torch.zeros(n, dtype=torch.float32) if weight is not None else None
-        db = torch.zeros(n, dtype=torch.float32) if bias is not None else None
+        pt = _norm_param_dtype(h, weight, bias)
+        w = weight.to(pt).contiguous() if weight is not None else None
+        grad = torch.empty if rows and n else torch.zeros  # the kernels write every column
+        dw = grad(n, dtype=pt) if weight is not None else None
+        db = grad(n, dtype=pt) if bias is not None else None
         dx = torch.empty_like(h)
         if rows and n:
             p = NormBwdParams(_ptr(dy), _ptr(dh), _ptr(h), _ptr(w), None if is_rms else _ptr(mean), _ptr(rstd),
-                              _ptr(dx), _ptr(dw), _ptr(db), None, rows, n, is_rms, _rows_aligned(n, [h, dy, dx, dh]))
+                              _ptr(dx), _ptr(dw), _ptr(db), None, rows, n, DTYPE_CODE[pt], is_rms,
+                              _rows_aligned(n, [h, dy, dx, dh, w]))
             floats = self.lib.mmgpt_emu_norm_bwd_workspace(ctypes.byref(p), DTYPE_CODE[h.dtype])
             work = torch.empty(max(1, floats), dtype=torch.float32)
             p.partials = work.data_ptr()

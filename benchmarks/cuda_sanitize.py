@@ -66,31 +66,41 @@ def _check(name, fn, ref, inputs, dtype):
 
 
 def norm_cases():
-    for kind, rows, n, dtype, unaligned in [
-        ("layer", 5, 100, torch.float16, False),    # a warp per row
-        ("layer", 3, 1030, torch.bfloat16, True),   # a block per row, scalar loads
-        ("rms", 4, 4096, torch.float32, False),     # a block per row, vector loads
-        ("layer", 2, 20000, torch.float32, False),  # longer than the register budget: looped
-        ("rms", 2, 20001, torch.bfloat16, True),    # looped, scalar loads
+    # params: the dtype the kernels get the weight and bias in (None: the activations')
+    for kind, rows, n, dtype, unaligned, params in [
+        ("layer", 5, 100, torch.float16, False, None),       # a warp per row
+        ("layer", 3, 1030, torch.bfloat16, True, None),      # a block per row, scalar loads
+        ("rms", 4, 4096, torch.float32, False, None),        # a block per row, vector loads
+        ("layer", 2, 20000, torch.float32, False, None),     # longer than the register budget: looped
+        ("rms", 2, 20001, torch.bfloat16, True, None),       # looped, scalar loads
+        # more rows than the blocks a GPU holds (an H100: 8,448 warps of 64-column rows, 1,056
+        # blocks of 256 threads): each walks several rows with its staged parameters
+        ("layer", 9000, 64, torch.float16, False, None),
+        ("rms", 1100, 2048, torch.bfloat16, False, None),
+        ("layer", 6, 1024, torch.bfloat16, False, torch.float32),  # mixed precision: float32 parameters
     ]:
         x, r = torch.randn(rows, n, device=DEV), torch.randn(rows, n, device=DEV)
         w, b = 1 + 0.1 * torch.randn(n, device=DEV), torch.randn(n, device=DEV)
         if unaligned:
             x = _unaligned(x.to(dtype))  # _check keeps a tensor already in `dtype` as is (offset included)
+
+        def param(t, params=params):  # the gradient flows back through the cast to the leaf
+            return t if params is None else t.to(params)
+        name = f"{rows}x{n} {dtype}{f' {params} params' if params else ''}"
         if kind == "layer":
-            def fn(x, r, w, b):
-                return layer_norm(x, w, b, residual=r, backend="cuda")
+            def fn(x, r, w, b, param=param):
+                return layer_norm(x, param(w), param(b), residual=r, backend="cuda")
 
             def ref(x, r, w, b):
                 return reference.layer_norm(x, w, b, 1e-5, residual=r)
-            yield f"layer_norm {rows}x{n} {dtype}", fn, ref, [x, r, w, b], dtype
+            yield f"layer_norm {name}", fn, ref, [x, r, w, b], dtype
         else:
-            def fn(x, r, w):
-                return rms_norm(x, w, residual=r, backend="cuda")
+            def fn(x, r, w, param=param):
+                return rms_norm(x, param(w), residual=r, backend="cuda")
 
             def ref(x, r, w):
                 return reference.rms_norm(x, w, 1e-6, residual=r)
-            yield f"rms_norm {rows}x{n} {dtype}", fn, ref, [x, r, w], dtype
+            yield f"rms_norm {name}", fn, ref, [x, r, w], dtype
 
 
 def softmax_cases():

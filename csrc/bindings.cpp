@@ -29,16 +29,18 @@ using at::Tensor;
 using mmgpt::DType;
 using OptTensor = std::optional<Tensor>;
 
-DType dtype_of(const Tensor& t) {
-  switch (t.scalar_type()) {
+DType dtype_of(at::ScalarType st) {
+  switch (st) {
     case at::kFloat: return DType::kFloat32;
     case at::kHalf: return DType::kFloat16;
     case at::kBFloat16: return DType::kBFloat16;
     case at::kDouble: return DType::kFloat64;
     case at::kBool: return DType::kBool;
-    default: TORCH_CHECK(false, "unsupported dtype ", t.scalar_type());
+    default: TORCH_CHECK(false, "unsupported dtype ", st);
   }
 }
+
+DType dtype_of(const Tensor& t) { return dtype_of(t.scalar_type()); }
 
 // float32, float16 or bfloat16: the storage dtypes of the memory-bound kernels
 DType kernel_dtype(const Tensor& t, const char* name) {
@@ -80,11 +82,23 @@ template <typename T> const T* ptr_or_null(const Tensor& t) {
   return t.defined() ? static_cast<const T*>(t.data_ptr()) : nullptr;
 }
 
-Tensor float_param(const OptTensor& t, const char* name, const Tensor& x) {
-  if (!t.has_value() || !t->defined()) return Tensor();
+bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
+
+// The dtype the norm kernels read weight and bias in and write their gradients in: x's where every
+// given parameter has it, else float32 (mixed precision: float32 parameters on half activations).
+at::ScalarType norm_param_type(const Tensor& x, const OptTensor& weight, const OptTensor& bias) {
+  for (const OptTensor* t : {&weight, &bias})
+    if (given(*t) && (*t)->scalar_type() != x.scalar_type()) return at::kFloat;
+  return x.scalar_type();
+}
+
+// weight or bias as the norm kernels read it: (n,), contiguous, in `type` (a copy only for a
+// parameter in another dtype, e.g. a float64 one, or a bfloat16 weight beside a float32 bias).
+Tensor norm_param(const OptTensor& t, const char* name, const Tensor& x, at::ScalarType type) {
+  if (!given(t)) return Tensor();
   check_cuda(*t, name, x);
   TORCH_CHECK(t->dim() == 1 && t->size(0) == x.size(1), name, ": expected shape (", x.size(1), "), got ", t->sizes());
-  return t->to(at::kFloat).contiguous();
+  return t->to(type).contiguous();
 }
 
 // ---------------------------------------------------------------------------------- norms
@@ -94,9 +108,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> norm_fwd(const Tensor& x, const OptTe
   const DType dt = kernel_dtype(x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
   const int64_t rows = x.size(0), n = x.size(1);
-  const Tensor w = float_param(weight, "weight", x), b = float_param(bias, "bias", x);
+  const at::ScalarType pt = norm_param_type(x, weight, bias);
+  const Tensor w = norm_param(weight, "weight", x, pt), b = norm_param(bias, "bias", x, pt);
   Tensor res;
-  if (residual.has_value() && residual->defined()) {
+  if (given(residual)) {
     res = *residual;
     check_rows(res, "residual");
     TORCH_CHECK(res.sizes() == x.sizes() && res.scalar_type() == x.scalar_type(),
@@ -111,8 +126,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> norm_fwd(const Tensor& x, const OptTe
   mmgpt::NormFwdParams p{};
   p.x = x.data_ptr();
   p.residual = res.defined() ? res.data_ptr() : nullptr;
-  p.weight = ptr_or_null<float>(w);
-  p.bias = ptr_or_null<float>(b);
+  p.weight = ptr_or_null<void>(w);
+  p.bias = ptr_or_null<void>(b);
+  p.param_dtype = dtype_of(pt);
   p.y = y.data_ptr();
   p.h = res.defined() ? h.data_ptr() : nullptr;
   p.mean = is_rms ? nullptr : mean.data_ptr<float>();
@@ -121,7 +137,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> norm_fwd(const Tensor& x, const OptTe
   p.n = static_cast<int>(n);
   p.eps = static_cast<float>(eps);
   p.is_rms = is_rms;
-  p.aligned = rows_aligned(n, {x, y, res, res.defined() ? h : Tensor()});
+  p.aligned = rows_aligned(n, {x, y, res, res.defined() ? h : Tensor(), w, b});
   check_launch(mmgpt::norm_fwd(p, dt, current_stream()), "norm_fwd");
   return {y, h, mean, rstd};
 }
@@ -145,27 +161,32 @@ std::tuple<Tensor, Tensor, Tensor> norm_bwd(const Tensor& dy_in, const Tensor& d
   TORCH_CHECK(rstd.numel() == rows && rstd.scalar_type() == at::kFloat, "rstd: expected (", rows, ",) float32");
   TORCH_CHECK(is_rms || (mean.numel() == rows && mean.scalar_type() == at::kFloat), "mean: expected (", rows,
               ",) float32");
-  const Tensor w = float_param(weight, "weight", h);
-  const bool has_w = w.defined(), has_b = bias.has_value() && bias->defined();
+  const at::ScalarType pt = norm_param_type(h, weight, bias);
+  const Tensor w = norm_param(weight, "weight", h, pt);
+  const bool has_w = w.defined(), has_b = given(bias);
+  const bool run = rows > 0 && n > 0;
   Tensor dx = at::empty_like(h);
-  Tensor dw = has_w ? at::zeros({n}, h.options().dtype(at::kFloat)) : Tensor();
-  Tensor db = has_b ? at::zeros({n}, h.options().dtype(at::kFloat)) : Tensor();
-  if (rows > 0 && n > 0) {
+  // the kernels write every column of the gradients; no rows: zero gradients
+  auto grad = [&] { return run ? at::empty({n}, h.options().dtype(pt)) : at::zeros({n}, h.options().dtype(pt)); };
+  Tensor dw = has_w ? grad() : Tensor();
+  Tensor db = has_b ? grad() : Tensor();
+  if (run) {
     const Tensor rstd_c = rstd.contiguous(), mean_c = is_rms ? Tensor() : mean.contiguous();
     mmgpt::NormBwdParams p{};
     p.dy = dy.data_ptr();
     p.dh = dh.defined() ? dh.data_ptr() : nullptr;
     p.h = h.data_ptr();
-    p.weight = ptr_or_null<float>(w);
+    p.weight = ptr_or_null<void>(w);
     p.mean = is_rms ? nullptr : mean_c.data_ptr<float>();
     p.rstd = rstd_c.data_ptr<float>();
     p.dx = dx.data_ptr();
-    p.dweight = has_w ? dw.data_ptr<float>() : nullptr;
-    p.dbias = has_b ? db.data_ptr<float>() : nullptr;
+    p.dweight = has_w ? dw.data_ptr() : nullptr;
+    p.dbias = has_b ? db.data_ptr() : nullptr;
     p.rows = rows;
     p.n = static_cast<int>(n);
+    p.param_dtype = dtype_of(pt);
     p.is_rms = is_rms;
-    p.aligned = rows_aligned(n, {h, dy, dx, dh});
+    p.aligned = rows_aligned(n, {h, dy, dx, dh, w});
     const int64_t ws = mmgpt::norm_bwd_workspace_floats(p, dt);
     Tensor work = at::empty({ws > 0 ? ws : 1}, h.options().dtype(at::kFloat));
     p.partials = work.data_ptr<float>();

@@ -13,11 +13,13 @@ namespace mmgpt {
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3, kBool = 4 };
 
 // ------------------------------------------------------------------------------------- norms
+// weight and bias are read, and their gradients written, in param_dtype: x's dtype, or float32
+// (mixed precision: a float32 weight on float16 / bfloat16 activations).
 struct NormFwdParams {
   const void* x;         // (rows, n)
   const void* residual;  // (rows, n) or nullptr
-  const float* weight;   // (n,) float32 or nullptr
-  const float* bias;     // (n,) float32 or nullptr
+  const void* weight;    // (n,) or nullptr
+  const void* bias;      // (n,) or nullptr
   void* y;               // (rows, n)
   void* h;               // (rows, n) x + residual, written only with a residual
   float* mean;           // (rows,), unused for RMSNorm
@@ -25,25 +27,28 @@ struct NormFwdParams {
   int64_t rows;
   int n;
   float eps;
+  DType param_dtype;
   bool is_rms;
-  bool aligned;  // every row pointer 16-byte aligned (n * element size % 16 == 0, 16-byte aligned bases)
+  bool aligned;  // every row pointer 16-byte aligned (n * element size % 16 == 0, 16-byte aligned bases,
+                 // weight and bias included)
 };
 
 struct NormBwdParams {
   const void* dy;       // (rows, n)
   const void* dh;       // (rows, n) or nullptr: gradient of the residual output, added to dx
   const void* h;        // (rows, n) the normalised input
-  const float* weight;  // (n,) float32 or nullptr
+  const void* weight;   // (n,) or nullptr
   const float* mean;    // (rows,), unused for RMSNorm
   const float* rstd;    // (rows,)
   void* dx;             // (rows, n)
-  float* dweight;       // (n,) float32 or nullptr
-  float* dbias;         // (n,) float32 or nullptr
+  void* dweight;        // (n,) or nullptr
+  void* dbias;          // (n,) or nullptr
   float* partials;      // workspace, norm_bwd_workspace_floats(...) floats
   int64_t rows;
   int n;
+  DType param_dtype;
   bool is_rms;
-  bool aligned;
+  bool aligned;         // as NormFwdParams::aligned (dy, dh, h, dx and weight)
 };
 
 int64_t norm_bwd_workspace_floats(const NormBwdParams& p, DType dtype);

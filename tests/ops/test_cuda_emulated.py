@@ -94,6 +94,75 @@ def test_norm_without_affine_params(emulated_cuda):
                   [torch.randn(9, 33)], F32)
 
 
+def _layer_norm_case(shape, dtype, unaligned=False):
+    n = shape[-1]
+    x, r, w, b = torch.randn(shape), torch.randn(shape), 1 + 0.5 * torch.randn(n), torch.randn(n)
+    check_fwd_bwd(lambda x, r, w, b: ops.layer_norm(x, w, b, residual=r, backend="cuda"),
+                  lambda x, r, w, b: reference.layer_norm(x, w, b, 1e-5, residual=r), [x, r, w, b], dtype,
+                  unaligned=unaligned)
+
+
+@pytest.mark.parametrize("shape,dtype,smem_optin,unaligned,fwd_smem,bwd_smem", [
+    # warp rows: 16 blocks of 4 warps on the SM, 66 rows; weight and bias staged (2 x 192 B), the
+    # backward's partial sums (8192 B) then its weight
+    ((66, 96), F16, None, False, 384, 8192 + 192),
+    ((66, 96), F16, 8192 + 100, True, 384, 8192),   # room for the partial sums only: the weight from global
+    ((66, 96), F16, 256, False, 0, None),           # no room to stage: from global; backward looped
+    # block rows: 4 blocks of 512 threads, 6 rows
+    ((6, 4096), BF16, None, False, 2 * 8192, 2 * 4096 * 4 + 8192),
+], ids=str)
+def test_norm_blocks_walk_rows_reading_the_parameters_once(emulated_cuda, shape, dtype, smem_optin, unaligned,
+                                                           fwd_smem, bwd_smem):
+    """More rows than the one SM's blocks: each block (warp) walks several rows with the weight and
+    bias it staged in shared memory (or, where the device has no room, read from global memory)."""
+    emulated_cuda.use_device("sm_90", sm_count=1, smem_optin=smem_optin)
+    before = {b: emulated_cuda.calls(f"launch with {b} B") for b in (fwd_smem, bwd_smem) if b is not None}
+    _layer_norm_case(shape, dtype, unaligned)
+    for b, count in before.items():
+        assert emulated_cuda.calls(f"launch with {b} B") > count, f"no launch with {b} B of shared memory"
+
+
+@pytest.mark.parametrize("kind,shape,dtypes", [
+    ("layer", (6, 1024), (BF16, F32, F32)),   # warp rows: float32 weight and bias read as float32
+    ("layer", (3, 2050), (F16, BF16, F32)),   # block rows, unaligned: a bfloat16 weight beside a float32 bias
+    ("rms", (1, 16500), (BF16, F32, None)),   # looped (above 16384 bfloat16 elements)
+], ids=str)
+def test_norm_mixed_precision_parameters(emulated_cuda, kind, shape, dtypes):
+    """Half activations with float32 parameters: the kernels read them, and write their gradients, as
+    float32 (a parameter in another dtype beside them is converted to float32 first). Against the
+    float64 reference on the same rounded inputs, forward and backward; each gradient in its
+    parameter's dtype."""
+    x_dtype, w_dtype, b_dtype = dtypes
+    n = shape[-1]
+    inputs = [torch.randn(shape).to(x_dtype), torch.randn(shape).to(x_dtype), (1 + 0.5 * torch.randn(n)).to(w_dtype)]
+    inputs += [torch.randn(n).to(b_dtype)] if b_dtype is not None else []
+    grads = [torch.randn(shape).to(x_dtype) for _ in range(2)]
+
+    def run(fn, cast):
+        leaves = [cast(t).requires_grad_() for t in inputs]
+        outs = fn(*leaves)
+        torch.autograd.backward(outs, [cast(g) for g in grads])
+        return outs, [t.grad for t in leaves]
+
+    def norm(impl, backend=None):
+        def fn(x, r, w, b=None):
+            kw = {} if backend is None else {"backend": backend}
+            if kind == "layer":
+                return impl.layer_norm(x, w, b, 1e-5, residual=r, **kw)
+            return impl.rms_norm(x, w, 1e-6, residual=r, **kw)
+        return fn
+
+    got, got_g = run(norm(ops, "cuda"), lambda t: t.clone())
+    truth, truth_g = run(norm(reference), lambda t: t.double())
+    lowp, lowp_g = run(norm(reference), lambda t: t.clone())
+    for name, a, t, c in zip(("y", "h"), got, truth, lowp):
+        assert a.dtype == x_dtype
+        assert_close_to_truth(name, a, t, c)
+    for name, a, t, c, inp in zip(("dx", "dresidual", "dweight", "dbias"), got_g, truth_g, lowp_g, inputs):
+        assert a.dtype == inp.dtype, (name, a.dtype)
+        assert_close_to_truth(name, a, t, c)
+
+
 # ----------------------------------------------------------------------------------- softmax
 @pytest.mark.parametrize("shape,dtype,mask,causal", [
     ((2, 7, 77), F16, "bool", True),         # a warp per row
