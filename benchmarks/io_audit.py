@@ -13,9 +13,14 @@ aggregate) and every cp.async source (src-size bytes, at issue) that falls in a 
 per launch, a byte once per warp instruction (lanes that read the same word share a broadcast);
 registers, local arrays and shared memory never count. The emulated device is an sm_90
 (H100/H200 limits: 227 KB of opt-in shared memory) with 132 SMs, named in each row's `device`: the
-launch plans (the attention dQ tile, the norm backward's blocks and shared partials) follow it. The
-tensors the bindings convert around a kernel (the norms' float32 weight copies, the gradients'
-casts back) are torch's kernels, not counted.
+launch plans (the attention dQ tile, the norms' blocks and shared-memory copies) follow it. The norm
+kernels launch as many blocks as the device holds at once (fewer with few rows), each walking rows
+and reading the weight and bias once, so their parameter reads grow with the SMs, not the rows:
+their rows run on one SM of that sm_90 with 256 rows at hidden 1k and 64 above, the rows per SM of a
+132-SM H100 at about 34k and 8k tokens (cuda_norm_rows). With no more rows than blocks each block
+reads them for its one row (8 rows on the 132 SMs: 1.41x the forward's minimum at hidden 4k). A
+parameter the binding converts (one in neither the rows' dtype nor float32) is torch's kernel, not
+counted.
 
 Minimum traffic (benchmarks/formulas.py): every input read once, every output written once,
 saved statistics included; the norms' backward also writes one float32 weight-gradient partial
@@ -63,6 +68,7 @@ BACKENDS = ("triton", "cuda")
 # measured ceilings (../shared/FIELD-NOTES.md): device copy bandwidth (B/s), dense bf16 matmul (FLOP/s)
 CEILINGS = {"h100": (3.0e12, 798e12), "h200": (4.3e12, 788e12)}
 CUDA_ARCH, CUDA_SMS = "sm_90", 132  # the emulated device of the cuda rows: an H100 SXM's limits
+CUDA_NORM_SMS = 1  # the cuda norm rows' device: one SM of it (see the module docstring)
 # matmuls each cuda attention kernel runs per visible (query, key) pair and head dim (2 FLOPs each)
 CUDA_MATMULS = {"flash_fwd_kernel": 2, "flash_bwd_dkdv_kernel": 4, "flash_bwd_dq_kernel": 3}
 
@@ -167,7 +173,7 @@ def cuda_counter():
 
 
 @contextlib.contextmanager
-def _counting(backend: str):
+def _counting(backend: str, sm_count: Optional[int]):
     if backend == "triton":
         traffic = TritonTraffic()
         with traffic.counting():
@@ -178,20 +184,21 @@ def _counting(backend: str):
     from . import cuda_emulator
 
     ext = cuda_counter()
-    ext.use_device(CUDA_ARCH, CUDA_SMS)
+    ext.use_device(CUDA_ARCH, sm_count or CUDA_SMS)
     with cuda_emulator.emulated_cuda(ext), ext.counting() as traffic:
         yield lambda: Counted(traffic.total, traffic)
 
 
 def measure(forward: Callable[[], tuple], backward: Optional[Callable] = None,
-            backend: str = "triton") -> tuple[Counted, Optional[Counted]]:
-    """What the forward and the backward (given the forward's outputs) move through `backend`'s kernels."""
-    with _counting(backend) as result:
+            backend: str = "triton", sm_count: Optional[int] = None) -> tuple[Counted, Optional[Counted]]:
+    """What the forward and the backward (given the forward's outputs) move through `backend`'s kernels
+    (cuda: on an emulated CUDA_ARCH with sm_count SMs, default CUDA_SMS)."""
+    with _counting(backend, sm_count) as result:
         outputs = forward()
     fwd = result()
     if backward is None:
         return fwd, None
-    with _counting(backend) as result:
+    with _counting(backend, sm_count) as result:
         backward(outputs)
     return fwd, result()
 
@@ -209,7 +216,15 @@ def _launched(counted: Counted, prefix: str):
     return found
 
 
-def audit_norm(kind: str, rows: int, hidden: int, dtype, residual: bool, backend: str = "triton") -> list[Row]:
+def cuda_norm_rows(hidden: int) -> int:
+    """The rows of a cuda norm audit on CUDA_NORM_SMS SMs: 16 a block, four blocks an SM above hidden
+    1k (512-thread blocks), sixteen (of four rows each, a warp a row) at 1k and below."""
+    return 256 if hidden <= 1024 else 64
+
+
+def audit_norm(kind: str, rows: int, hidden: int, dtype, residual: bool, backend: str = "triton",
+               sm_count: Optional[int] = None) -> list[Row]:
+    """sm_count: the SMs of the emulated device (backend cuda; default CUDA_SMS)."""
     from mmgpt_engine import ops
 
     x, w = _leaf((rows, hidden), dtype), _leaf((hidden,), dtype)
@@ -225,7 +240,7 @@ def audit_norm(kind: str, rows: int, hidden: int, dtype, residual: bool, backend
         outs = out if isinstance(out, tuple) else (out,)
         torch.autograd.backward(outs, [torch.randn_like(o) for o in outs])
 
-    got_f, got_b = measure(fwd, bwd, backend)
+    got_f, got_b = measure(fwd, bwd, backend, sm_count)
     elem = x.element_size()
     rms = kind == "rms"
     base = dict(rows=rows, hidden=hidden, elem=elem, param=elem, rms=rms, residual=residual)
@@ -239,7 +254,8 @@ def audit_norm(kind: str, rows: int, hidden: int, dtype, residual: bool, backend
     min_b += -hidden * elem * n_params if backend == "triton" else partials
     shape = f"({rows}, {hidden}){' +res' if residual else ''}"
     op = f"{kind}_norm"
-    return [_row(op, "fwd", backend, shape, dtype, got_f, min_f), _row(op, "bwd", backend, shape, dtype, got_b, min_b)]
+    return [_row(op, "fwd", backend, shape, dtype, got_f, min_f, sm_count=sm_count),
+            _row(op, "bwd", backend, shape, dtype, got_b, min_b, sm_count=sm_count)]
 
 
 def _norm_bwd_programs(backend: str, rows: int, counted: Counted) -> int:
@@ -358,15 +374,18 @@ def audit_attention(b: int, s: int, h: int, h_kv: int, d: int, dtype, mask: str,
     return rows
 
 
-def _row(op, pass_, backend, shape, dtype, got: Counted, minimum, flops=0.0) -> Row:
+def _row(op, pass_, backend, shape, dtype, got: Counted, minimum, flops=0.0, sm_count: Optional[int] = None) -> Row:
     kernels = [dict(k, flops=0.0) for k in got.kernels()]
     return Row(op, pass_, backend, shape, str(dtype).replace("torch.", ""), int(got.bytes), int(minimum),
-               round(got.bytes / minimum, 4) if minimum else float("inf"), flops, device=device_name(backend),
-               kernels=kernels, tensors=got.tensors())
+               round(got.bytes / minimum, 4) if minimum else float("inf"), flops,
+               device=device_name(backend, sm_count), kernels=kernels, tensors=got.tensors())
 
 
-def device_name(backend: str) -> str:
-    return "interpreted" if backend == "triton" else f"{CUDA_ARCH} emulated, {CUDA_SMS} SMs"
+def device_name(backend: str, sm_count: Optional[int] = None) -> str:
+    if backend == "triton":
+        return "interpreted"
+    sms = sm_count or CUDA_SMS
+    return f"{CUDA_ARCH} emulated, {sms} SM{'s' if sms != 1 else ''}"
 
 
 def _floor_us(nbytes: float, flops: float) -> dict:
@@ -390,8 +409,13 @@ def sweep(only=OPS, quick: bool = False, backends=BACKENDS) -> list[Row]:
     for backend in backends:
         for n in hidden:
             if "norms" in only:
-                rows += audit_norm("layer", 4, n, torch.float16, residual=True, backend=backend)
-                rows += audit_norm("rms", 4, n, torch.bfloat16, residual=False, backend=backend)
+                norm = dict(backend=backend)
+                if backend == "cuda":
+                    norm.update(rows=cuda_norm_rows(n), sm_count=CUDA_NORM_SMS)
+                else:
+                    norm.update(rows=4)
+                rows += audit_norm("layer", hidden=n, dtype=torch.float16, residual=True, **norm)
+                rows += audit_norm("rms", hidden=n, dtype=torch.bfloat16, residual=False, **norm)
             if "softmax" in only:
                 rows += audit_softmax(4, n, torch.float16, backend=backend)
             if "cross_entropy" in only:
