@@ -91,7 +91,10 @@ def library_path(sanitize: Optional[str] = None, sources: Optional[Iterable[Path
     runtime = [emulation / f for f in RUNTIME_UNITS] + ([emulation / KERNEL_ENTRY_POINTS] if sources is None else [])
     # -O0 for the kernels: their threads are fibers the optimiser cannot see, so it must not keep
     # `__shared__` values (function statics) in registers or move their accesses across barriers
-    flags = ["-std=c++20", "-fPIC", "-Wall", "-Wno-unknown-pragmas", f"-I{cuda_home}/include", f"-I{csrc}",
+    # -fno-gnu-unique: the launchers' per-device caches (function statics of inline functions) stay
+    # per library; as GNU unique symbols every emulator build loaded in a process would share one
+    flags = ["-std=c++20", "-fPIC", "-fno-gnu-unique", "-Wall", "-Wno-unknown-pragmas",
+             f"-I{cuda_home}/include", f"-I{csrc}",
              "-include", str(emulation / "emu.h")]
     kernel_flags, runtime_flags, link_flags = SANITIZE_BUILDS[sanitize]
     digest = hashlib.sha256(" ".join(flags[:-1] + ["-O0", "-Bsymbolic", repr(SANITIZE_BUILDS[sanitize])]).encode())

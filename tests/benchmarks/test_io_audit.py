@@ -191,6 +191,25 @@ def test_counting_needs_the_counting_build():
             pass
 
 
+@pytest.mark.xdist_group("cuda_emulated")
+def test_emulator_builds_in_one_process_keep_their_own_device_caches():
+    """The launchers cache each device's limits; with the plain build's sm_80 (4 SMs) queried first,
+    the counting build still plans for its own device (one SM of an sm_90), not for the cached sm_80."""
+    from mmgpt_engine import ops
+
+    try:
+        plain, counter = cuda_emulator.EmulatedExtension(cuda_emulator.build("")), io_audit.cuda_counter()
+    except cuda_emulator.EmulatorUnavailable as e:
+        pytest.skip(str(e))
+    plain.use_device("sm_80")
+    with cuda_emulator.emulated_cuda(plain):
+        ops.rms_norm(torch.randn(8, 1024).bfloat16(), torch.randn(1024).bfloat16(), backend="cuda")
+    rows = io_audit.cuda_norm_rows(1024)
+    got = _by_pass(io_audit.audit_norm("rms", rows, 1024, BF16, False, backend="cuda", sm_count=io_audit.CUDA_NORM_SMS))
+    # one sm_90 SM holds 16 blocks of 128 threads; four sm_80 SMs would launch all rows / 4 = 64
+    assert _blocks(got["fwd"], "norm_fwd_kernel") == 16, got["fwd"].kernels
+
+
 # --------------------------------------------------------------------------- cuda: the ops
 @pytest.fixture(scope="module")
 def counter():
