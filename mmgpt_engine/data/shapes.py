@@ -1,12 +1,14 @@
 """The built-in captioning data: procedurally drawn coloured shapes with matching captions.
 
-    "a small red circle above a large blue square",  "a large green triangle"
+    "a large blue square below a small red circle",  "a large green triangle"
 
 Sample `i` of split `s` under seed `k` is drawn from its own random stream,
 numpy SeedSequence([k, split code, i]), so it is the same on every rank, worker and run (exact
-resume needs only the sampler's position) and the splits come from disjoint streams. Relations
-are unambiguous by construction: "left of"/"right of" pairs sit in opposite halves with a small
-vertical jitter, "above"/"below" the same way round.
+resume needs only the sampler's position) and the splits come from disjoint streams. A
+two-object caption has one order (`canonical`: the larger object first, else the upper or left
+one), so the caption is a function of the picture. Relations are unambiguous by construction:
+"left of"/"right of" pairs sit in opposite halves with a small vertical jitter, "above"/"below"
+the same way round.
 """
 from __future__ import annotations
 
@@ -92,8 +94,24 @@ def draw_scene(rng: np.random.Generator, image_size: int) -> tuple[Image.Image, 
             pa, pb = (along_a, across_a), (along_b, across_b)
         _draw_shape(draw, first, pa[0] * canvas, pa[1] * canvas, canvas, rng)
         _draw_shape(draw, second, pb[0] * canvas, pb[1] * canvas, canvas, rng)
-        scene = {"objects": [first, second], "relation": relation}
+        scene = canonical({"objects": [first, second], "relation": relation})
     return img.resize((image_size, image_size), Image.BOX), scene
+
+
+_INVERSE = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}
+
+
+def canonical(scene: dict) -> dict:
+    """The one caption order of a two-object scene: the larger object first; of two of a size, the
+    upper (or left) one. "A above B" and "B below A" describe the same picture, so without a rule
+    a caption's order could not be told from the image (half the two-object targets contradicted
+    the other half)."""
+    if scene["relation"] is None:
+        return scene
+    a, b = scene["objects"]
+    swap = (SIZES[b["size"]] > SIZES[a["size"]] or
+            (a["size"] == b["size"] and scene["relation"] in ("below", "right of")))
+    return {"objects": [b, a], "relation": _INVERSE[scene["relation"]]} if swap else scene
 
 
 def describe(obj: dict) -> str:

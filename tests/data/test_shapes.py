@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from mmgpt_engine.data import get_tokenizer
-from mmgpt_engine.data.shapes import COLORS, RELATIONS, SHAPES, SIZES, ShapesCaptionDataset, caption_vocabulary
+from mmgpt_engine.data.shapes import (COLORS, RELATIONS, SHAPES, SIZES, ShapesCaptionDataset, canonical,
+                                      caption_vocabulary)
 
 OBJECT = rf"a ({'|'.join(SIZES)}) ({'|'.join(COLORS)}) ({'|'.join(SHAPES)})"
 CAPTION = re.compile(rf"^{OBJECT}(?: ({'|'.join(RELATIONS)}) {OBJECT})?$")
@@ -89,6 +90,24 @@ def test_captions_describe_the_picture():
             assert (n1 > n2) == (m.group(1) == "large"), caption
         checked += 1
     assert checked > 80
+
+
+def test_two_object_captions_have_one_order():
+    """The larger object first, of two of a size the upper or left one: "A above B" and "B below A"
+    would otherwise both be targets for one picture."""
+    ds = ShapesCaptionDataset(size=300)
+    for i in range(300):
+        m = CAPTION.match(ds.scene(i)[1])
+        if m.group(4) is not None:
+            first, second, rel = m.group(1), m.group(5), m.group(4)
+            assert SIZES[first] >= SIZES[second] and (first != second or rel in ("above", "left of")), m.group(0)
+    a = dict(size="small", color="red", shape="circle")
+    b = dict(size="large", color="blue", shape="square")
+    c = dict(size="small", color="green", shape="triangle")
+    assert canonical({"objects": [a, b], "relation": "above"}) == {"objects": [b, a], "relation": "below"}
+    assert canonical({"objects": [b, a], "relation": "below"}) == {"objects": [b, a], "relation": "below"}
+    assert canonical({"objects": [a, c], "relation": "right of"}) == {"objects": [c, a], "relation": "left of"}
+    assert canonical({"objects": [a], "relation": None}) == {"objects": [a], "relation": None}
 
 
 def test_bad_arguments():
