@@ -73,6 +73,7 @@ class ModelConfig:
     vision_heads: int = 4
     vision_mlp_hidden: Optional[int] = None   # None -> 4 * vision_width
     vision_act: str = "gelu_tanh"          # the encoder MLP's activation (CLIP: quick_gelu)
+    vision_pos_embedding: str = "learned"  # our ViT's patch positions: a learned table, or fixed 2-d "sincos"
     vision_norm_eps: Optional[float] = None   # None -> norm_eps
     vision_feature_layer: int = -1         # clip/siglip: which hidden state feeds the connector (HF's index)
     vision_feature_select: str = "patch"   # "patch": drop the class token (CLIP); "full": keep it
@@ -116,6 +117,7 @@ class ModelConfig:
         _check_choice("text_block", self.text_block, TEXT_BLOCKS)
         _check_choice("vision_type", self.vision_type, VISION_TYPES)
         _check_choice("image_attention", self.image_attention, IMAGE_ATTENTION)
+        _check_choice("vision_pos_embedding", self.vision_pos_embedding, ("learned", "sincos"))
         _check_choice("vision_act", self.vision_act, VISION_ACTS)
         _check_choice("vision_feature_select", self.vision_feature_select, FEATURE_SELECTS)
         _check_choice("connector", self.connector, CONNECTORS)
@@ -317,7 +319,8 @@ class ModelConfig:
             chans = self._cnn_channels()
             stem, norms = sum(ci * co * 9 + co for ci, co in zip(chans[:-1], chans[1:])), norm_p
         elif t == "vit":
-            stem, norms = c * p * p * w + w + patches * w, norm_p   # patch conv (+bias), positions; final norm
+            table = patches * w if self.vision_pos_embedding == "learned" else 0
+            stem, norms = c * p * p * w + w + table, norm_p   # patch conv (+bias), positions; final norm
         elif t == "clip":
             stem, norms = c * p * p * w + w + (patches + 1) * w, norm_p   # conv (no bias), class token; pre-norm
         else:
@@ -355,6 +358,8 @@ class ModelConfig:
         else:
             n = self.vision_seq_len
             positions = n * w + (w if t == "clip" else 0)    # position table (+ class token): no matmul
+            if t == "vit" and self.vision_pos_embedding == "sincos":
+                positions = 0  # fixed, not a parameter
             matmul = counts["vision_stem"] - positions + counts["vision_blocks"]
             flops = 6 * matmul * n + 12 * self.vision_layers_used * w * n * n
         return int(flops + 6 * (counts["vision_norms"] + counts["vision_connector"]) * p)

@@ -21,18 +21,35 @@ from .config import ModelConfig
 from .connectors import build_connector
 
 
+def sincos_2d(grid: int, width: int, base: float = 10000.0) -> Tensor:
+    """(grid * grid, width): per patch, sin/cos of its row in the first half of the channels and of
+    its column in the second (MAE's fixed 2-d embedding); width must be a multiple of 4."""
+    if width % 4:
+        raise ValueError(f"vision_width: sincos positions need a multiple of 4, got {width}")
+    freq = 1.0 / base ** (torch.arange(width // 4, dtype=torch.float32) / (width // 4))
+    rows, cols = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32),
+                                indexing="ij")
+    parts = [f(axis.reshape(-1, 1) * freq) for axis in (rows, cols) for f in (torch.sin, torch.cos)]
+    return torch.cat(parts, dim=1)
+
+
 class ViTTower(nn.Module):
     def __init__(self, c: ModelConfig):
         super().__init__()
         w = c.vision_width
         self.patch_embed = nn.Conv2d(c.in_channels, w, kernel_size=c.patch_size, stride=c.patch_size)
-        self.pos_embed = nn.Parameter(torch.zeros(c.vision_seq_len, w))
+        if c.vision_pos_embedding == "sincos":
+            # fixed 2-d sin-cos positions: a patch's row and column are readable from the first step
+            self.register_buffer("pos_embed", sincos_2d(c.image_size // c.patch_size, w), persistent=False)
+        else:
+            self.pos_embed = nn.Parameter(torch.zeros(c.vision_seq_len, w))
         self.blocks = encoder_blocks(c.vision_layers, w, c.vision_heads, c.vision_mlp_hidden, norm=c.norm,
                                      eps=c.vision_norm_eps, bias=c.bias, act=c.vision_act, dropout=c.dropout)
         self.norm = Norm(w, c.norm, c.vision_norm_eps)
 
     def reset_embeddings(self, std: float) -> None:
-        nn.init.normal_(self.pos_embed, std=std)
+        if isinstance(self.pos_embed, nn.Parameter):
+            nn.init.normal_(self.pos_embed, std=std)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.patch_embed(x.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2) + self.pos_embed  # (N, P, W)

@@ -20,6 +20,7 @@ VARIANTS = [
     dict(text_block="llama", norm="rmsnorm", pos_embedding="rope", bias=True, vision_type="clip", vision_layers=3,
          vision_feature_layer=1, connector="pixel_shuffle"),
     dict(text_block="llama", norm="rmsnorm", pos_embedding="rope", vision_type="none"),
+    dict(patch_size=4, vision_pos_embedding="sincos", connector="pixel_shuffle"),  # fixed ViT positions
 ]
 
 
@@ -103,7 +104,7 @@ def test_param_counts_match_the_model(overrides):
     assert vision == sum(n for k, n in cfg.param_counts().items() if k.startswith("vision"))
 
 
-@pytest.mark.parametrize("overrides", VARIANTS[:2])
+@pytest.mark.parametrize("overrides", VARIANTS[:2] + VARIANTS[-1:])
 def test_flops_per_token_matches_counted_matmuls(overrides, monkeypatch):
     """The formula against torch's FLOP counter on one fwd + bwd (the reference attention: two
     dense matmuls, counted without the causal halving, as the formula). The counter skips bias
@@ -123,3 +124,22 @@ def test_flops_per_token_matches_counted_matmuls(overrides, monkeypatch):
         model(ids, labels=ids).loss.backward()
     expected = cfg.flops_per_token(t, with_image=False) * t * b
     assert abs(counter.get_total_flops() - expected) / expected < 0.03
+
+
+def test_sincos_vit_positions_are_fixed_2d_and_not_parameters():
+    from mmgpt_engine.model.vision import sincos_2d
+
+    cfg = ModelConfig.from_preset("tiny", patch_size=4, vision_pos_embedding="sincos")
+    tower = MultimodalGPT(cfg).vision.tower
+    assert "pos_embed" not in dict(tower.named_parameters()) and "pos_embed" not in tower.state_dict()
+    table = tower.pos_embed.reshape(8, 8, cfg.vision_width)
+    q = cfg.vision_width // 2
+    # the first half of the channels follows the row, the second the column, and every patch differs
+    assert torch.equal(table[:, 0, :q], table[:, 5, :q]) and torch.equal(table[0, :, q:], table[3, :, q:])
+    assert not torch.equal(table[0, 0, :q], table[1, 0, :q]) and not torch.equal(table[0, 0, q:], table[0, 1, q:])
+    assert len({tuple(r.tolist()) for r in tower.pos_embed}) == 64
+    assert torch.equal(table[2, 3, 0:1], torch.sin(torch.tensor([2.0])))  # the first frequency is 1
+    with pytest.raises(ValueError, match="vision_width: sincos positions need a multiple of 4, got 130"):
+        sincos_2d(8, 130)
+    with pytest.raises(ValueError, match="vision_pos_embedding: expected one of"):
+        ModelConfig(vision_pos_embedding="rope")
