@@ -6,7 +6,7 @@
     python -m mmgpt_engine.train --max_steps 50                                 # one process, no launcher
     mmgpt-train --init_from runs/x/model --freeze vision --config my_data.yaml  # second stage
 
-With no arguments: the tiny preset on the built-in captioned shapes with configs/ds_zero2.json.
+With no arguments: the tiny preset on the built-in captioned shapes with configs/ds_zero0.json.
 A run goes through named phases (`run`): plan (configuration, environment, data and resume checks:
 fail fast, nothing built) -> init_distributed (process group and the watch for lost ranks; a
 universal conversion if the checkpoint needs one) -> build (model + --init_from, data, engine,
@@ -119,8 +119,8 @@ def load_ds_config(args) -> tuple[dict, str]:
     if path is None and default_deepspeed_config_path().is_file():
         path = str(default_deepspeed_config_path())
     if path is None:
-        return {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto",
-                "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}, "built-in ZeRO-2 config"
+        return {"zero_optimization": {"stage": 0}, "train_micro_batch_size_per_gpu": "auto",
+                "gradient_accumulation_steps": "auto", "gradient_clipping": "auto"}, "built-in ZeRO-0 config"
     return load_deepspeed_config(path), path
 
 

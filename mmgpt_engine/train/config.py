@@ -242,7 +242,7 @@ def default_config_path() -> Path:
 
 
 def default_deepspeed_config_path() -> Path:
-    return Path(__file__).resolve().parents[2] / "configs" / "ds_zero2.json"
+    return Path(__file__).resolve().parents[2] / "configs" / "ds_zero0.json"
 
 
 def load_yaml(path: str | os.PathLike) -> dict:

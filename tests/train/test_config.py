@@ -27,7 +27,9 @@ def resolve(ds, cfg=None, world=2, accelerator="cpu", bf16=True, hidden=128):
 def test_default_yaml_loads_and_names_its_values():
     cfg = TrainConfig.from_yaml(CONFIGS / "train_tiny.yaml")
     assert cfg.model["preset"] == "tiny" and cfg.data.kind == "shapes"
-    assert cfg.optim.lr == pytest.approx(1e-3) and cfg.run.max_steps == 600 and cfg.data.tokenizer == "shapes"
+    assert cfg.optim.lr == pytest.approx(1e-3) and cfg.run.max_steps == 1000 and cfg.data.tokenizer == "shapes"
+    model = cfg.model_config()
+    assert (model.vision_type, model.n_layer, model.pos_embedding) == ("cnn", 2, "rope")
     assert "batch.micro_batch_size" in cfg.explicit and "batch.global_batch_size" not in cfg.explicit
     assert cfg.model_config().n_image_tokens == 16
 
@@ -246,7 +248,7 @@ def test_resume_with_another_tokenizer_is_refused(tmp_path, capsys, nothing_heav
     ckpt = tmp_path / "run" / "checkpoints"
     (ckpt / "global_step4").mkdir(parents=True)
     (ckpt / "global_step4" / "complete.json").write_text(json.dumps(
-        {"step": 4, "world_size": 1, "zero_stage": 2, "tokenizer": byte, "tokenizer_name": "byte"}))
+        {"step": 4, "world_size": 1, "zero_stage": 0, "tokenizer": byte, "tokenizer_name": "byte"}))
     (ckpt / "latest").write_text("global_step4")
     out = ["--output_dir", str(tmp_path / "run"), "--set", "data.tokenizer=shapes"]
     _fails(out, capsys, r"--resume: .*global_step4' was trained with the tokenizer 'byte' \(byte, 259 ids\), but "
