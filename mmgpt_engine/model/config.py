@@ -398,10 +398,13 @@ def _check_head_dim(name: str, head_dim: int) -> None:
         raise ValueError(f"{name}: expected a head dim (width / heads) in [1, 256], got {head_dim}")
 
 
-# Sizes: tiny trains on 2 CPU cores in minutes; small/medium carry GPT-2 124M/350M text stacks
+# Sizes: tiny and tiny-conv train on 2 CPU cores in minutes; small/medium carry GPT-2 124M/350M text stacks
 # (so from_hf_gpt2 weights fit); 1b is a ~1.2B-parameter RMSNorm + RoPE + GQA stack.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(),
+    # make train's: a conv tower, 2 layers and rotary positions learn the built-in captions in
+    # 1000 steps (85% exact on held-out images) where tiny's ViT and 4 layers reach 29% (configs/train_tiny.yaml)
+    "tiny-conv": dict(vision_type="cnn", n_layer=2, pos_embedding="rope"),
     "small": dict(vocab_size=50257, n_layer=12, n_head=12, n_embd=768, max_seq_len=1024,
                   image_size=224, patch_size=16, vision_layers=6, vision_width=384, vision_heads=6),
     "medium": dict(vocab_size=50257, n_layer=24, n_head=16, n_embd=1024, max_seq_len=1024,

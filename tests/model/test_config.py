@@ -25,7 +25,7 @@ VARIANTS = [
 
 
 def test_presets_and_yaml_files_agree():
-    assert set(PRESETS) == {"tiny", "small", "medium", "1b"}
+    assert set(PRESETS) == {"tiny", "tiny-conv", "small", "medium", "1b"}
     for name in PRESETS:
         from_file = ModelConfig.from_yaml(ROOT / "configs" / "model" / f"{name}.yaml")
         assert from_file == ModelConfig.from_preset(name)
@@ -36,7 +36,7 @@ def test_presets_and_yaml_files_agree():
 
 
 def test_unknown_preset_names_the_choices():
-    with pytest.raises(ValueError, match=r"preset: expected one of \['1b', 'medium', 'small', 'tiny'\]"):
+    with pytest.raises(ValueError, match=r"preset: expected one of \['1b', 'medium', 'small', 'tiny', 'tiny-conv'\]"):
         ModelConfig.from_preset("huge")
 
 

@@ -26,7 +26,7 @@ def resolve(ds, cfg=None, world=2, accelerator="cpu", bf16=True, hidden=128):
 # ------------------------------------------------------------------------ the yaml
 def test_default_yaml_loads_and_names_its_values():
     cfg = TrainConfig.from_yaml(CONFIGS / "train_tiny.yaml")
-    assert cfg.model["preset"] == "tiny" and cfg.data.kind == "shapes"
+    assert cfg.model == {"preset": "tiny-conv"} and cfg.data.kind == "shapes"
     assert cfg.optim.lr == pytest.approx(1e-3) and cfg.run.max_steps == 1000 and cfg.data.tokenizer == "shapes"
     model = cfg.model_config()
     assert (model.vision_type, model.n_layer, model.pos_embedding) == ("cnn", 2, "rope")
