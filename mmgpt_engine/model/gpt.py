@@ -138,11 +138,16 @@ class MultimodalGPT(nn.Module):
                 cu_seqlens: Optional[Tensor] = None) -> ModelOutput:
         self.check_inputs(input_ids, images, labels, cu_seqlens)
         image_embeds = self.vision(images) if images is not None else None
-        x, layout = self.embed(input_ids, image_embeds, cu_seqlens)
+        idle = None
         if image_embeds is None and self.vision is not None and self.vision_every_step and self.training:
+            # ZeRO-3 gathers each module's parameters collectively, so every rank must run the same
+            # modules in the same order: a text-only batch runs the tower on a blank image, first,
+            # where a batch with images runs it (after the embeddings, it crossed the allgathers)
             c = self.config
-            blank = x.new_zeros(1, c.in_channels, c.image_size, c.image_size)
-            x = x + 0.0 * self.vision(blank).sum().to(x.dtype)
+            idle = self.vision(torch.zeros(1, c.in_channels, c.image_size, c.image_size, device=input_ids.device))
+        x, layout = self.embed(input_ids, image_embeds, cu_seqlens)
+        if idle is not None:
+            x = x + 0.0 * idle.sum().to(x.dtype)
         y = self.hidden_states(x, layout)
         y_text = self.text_states(y, layout)
         if labels is None:

@@ -97,3 +97,11 @@ def test_a_text_only_batch_runs_the_vision_encoder_when_asked():
     loss.backward()
     grads = [p.grad for p in model.vision.parameters()]
     assert all(g is not None and not g.any() for g in grads)  # reached, and changed nothing
+    # in the order a batch with images runs the modules (ZeRO-3's allgathers must line up across ranks)
+    order = []
+    for name in ("vision", "wte"):
+        getattr(model, name).register_forward_pre_hook(lambda *_, name=name: order.append(name))
+    model(ids, labels=labels)
+    text_only, order[:] = list(order), []
+    model(ids, images(2, model.config), labels=labels)
+    assert text_only == order == ["vision", "wte"], (text_only, order)
