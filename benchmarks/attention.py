@@ -163,6 +163,17 @@ def option_scores(option: str, s_q: int, s_k: int, heads: int, device):
     return keep, bias
 
 
+def _flash_attn_runs(ctx: Context) -> bool:
+    """Whether flash-attn can run here; where it cannot, the row is recorded as skipped, with why."""
+    if importlib.util.find_spec("flash_attn") is None:
+        ctx.skip_impl(OP, "flash-attn", "flash_attn is not importable")
+    elif not ctx.is_cuda:
+        ctx.skip_impl(OP, "flash-attn", "flash-attn runs on CUDA only")
+    else:
+        return True
+    return False
+
+
 def option_impls(ctx: Context, cfg: dict) -> dict:
     """Implementations of an option row (see the module docstring)."""
     from mmgpt_engine import ops
@@ -217,11 +228,7 @@ def option_impls(ctx: Context, cfg: dict) -> dict:
             continue
         out[name] = sdpa(backend_name)
 
-    if importlib.util.find_spec("flash_attn") is None:
-        ctx.skip_impl(OP, "flash-attn", "flash_attn is not importable")
-    elif not ctx.is_cuda:
-        ctx.skip_impl(OP, "flash-attn", "flash-attn runs on CUDA only")
-    else:
+    if _flash_attn_runs(ctx):
         def flash_attn_factory():
             from flash_attn import flash_attn_func, flash_attn_varlen_func
 
@@ -295,11 +302,7 @@ def impls(ctx: Context, cfg: dict) -> dict:
             continue
         out[name] = sdpa(name, backend_name)
 
-    if importlib.util.find_spec("flash_attn") is None:
-        ctx.skip_impl(OP, "flash-attn", "flash_attn is not importable")
-    elif not ctx.is_cuda:
-        ctx.skip_impl(OP, "flash-attn", "flash-attn runs on CUDA only")
-    else:
+    if _flash_attn_runs(ctx):
         def flash_attn_factory():
             from flash_attn import flash_attn_func
 

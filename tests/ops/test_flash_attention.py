@@ -263,7 +263,10 @@ def test_flash_attention_options_in_normal_form(monkeypatch, kwargs, causal, win
     assert seen == {"options": options, "causal": causal, "window": window}
 
 
-def test_cuda_backend_runs_the_options_it_lacks_on_triton(monkeypatch, caplog):
+@pytest.fixture
+def cuda_router(monkeypatch, caplog):
+    """ops.attention_backend with the cuda kernels built for head dims 64 and 128, its once-only
+    fallback log cleared and captured."""
     from mmgpt_engine.ops import _dispatch
     from mmgpt_engine.ops import cuda as cuda_backend
 
@@ -271,11 +274,17 @@ def test_cuda_backend_runs_the_options_it_lacks_on_triton(monkeypatch, caplog):
         pytest.skip("triton is not available here")
     monkeypatch.setattr(cuda_backend, "FLASH_HEAD_DIMS", (64, 128), raising=False)
     monkeypatch.setattr(_dispatch, "_attention_fallback_logged", set())
-    f16 = torch.float16
     with caplog.at_level(logging.INFO, logger=_dispatch.__name__):
-        for _ in range(2):
-            assert ops.attention_backend(64, f16, "cuda", DEVICE, options=("window_size",)) == "triton"
-            assert ops.attention_backend(64, f16, "cuda", DEVICE, options=("softcap", "alibi_slopes")) == "triton"
+        yield caplog
+
+
+def test_cuda_backend_runs_the_options_it_lacks_on_triton(cuda_router, monkeypatch):
+    from mmgpt_engine.ops import _dispatch
+
+    caplog, f16 = cuda_router, torch.float16
+    for _ in range(2):
+        assert ops.attention_backend(64, f16, "cuda", DEVICE, options=("window_size",)) == "triton"
+        assert ops.attention_backend(64, f16, "cuda", DEVICE, options=("softcap", "alibi_slopes")) == "triton"
     assert sum("does not implement" in r.getMessage() for r in caplog.records) == 2  # once per set
     assert ops.attention_backend(64, f16, "cuda", DEVICE, options=()) == "cuda"
     assert ops.attention_backend(64, f16, "triton", DEVICE, options=("cu_seqlens_k",)) == "triton"
@@ -369,18 +378,12 @@ def test_flash_attention_opcheck(case, backend):
                           (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, cu, *rest))
 
 
-def test_cuda_backend_falls_back_to_triton_for_unsupported_head_dims(monkeypatch, caplog):
+def test_cuda_backend_falls_back_to_triton_for_unsupported_head_dims(cuda_router, monkeypatch):
     from mmgpt_engine.ops import _dispatch
-    from mmgpt_engine.ops import cuda as cuda_backend
 
-    if "triton" not in ops.available_backends(DEVICE):
-        pytest.skip("triton is not available here")
-    monkeypatch.setattr(cuda_backend, "FLASH_HEAD_DIMS", (64, 128), raising=False)
-    monkeypatch.setattr(_dispatch, "_attention_fallback_logged", set())
-    f16 = torch.float16
-    with caplog.at_level(logging.INFO, logger=_dispatch.__name__):
-        assert ops.attention_backend(80, f16, "cuda", DEVICE) == "triton"
-        assert ops.attention_backend(80, f16, "cuda", DEVICE) == "triton"
+    caplog, f16 = cuda_router, torch.float16
+    assert ops.attention_backend(80, f16, "cuda", DEVICE) == "triton"
+    assert ops.attention_backend(80, f16, "cuda", DEVICE) == "triton"
     assert sum("head dim" in r.getMessage() for r in caplog.records) == 1  # logged once
     assert ops.attention_backend(64, f16, "cuda", DEVICE) == "cuda"
     assert ops.attention_backend(64, torch.float32, "cuda", DEVICE) == "triton"  # float32: not built for it
