@@ -68,10 +68,9 @@ def attention(ctx: Context) -> None:
                     compiled.get(("attention", b, s, h, d, mask), lambda q, k, v: eager_attention(q, k, v, keep)),
                     sets("bhsd"), pass_),
             }
-            if mask in ("none", "causal"):
-                impls["sdpa-causal" if mask == "causal" else "sdpa-nomask"] = lambda: autograd_pass(
-                    lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=mask == "causal"),
-                    sets("bhsd"), pass_)
+            if mask == "causal":  # without a mask "sdpa" already runs SDPA with none
+                impls["sdpa-causal"] = lambda: autograd_pass(
+                    lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True), sets("bhsd"), pass_)
             flops = formulas.attention_flops(b, h, s, s, d, mask=mask, prefix_len=prefix, pass_=pass_)
             ctx.run_config("attention", cfg, impls, flops=flops,
                            references=[k for k in impls if k != "mmgpt-torch"])

@@ -250,7 +250,7 @@ class Traffic:
         labels = []
         for label, t in tensors.items():
             if t is not None and t.numel() > 0:
-                lib.mmgpt_emu_traffic_watch(ctypes.c_void_p(t.data_ptr()), ctypes.c_int64(_span_bytes(t)))
+                lib.mmgpt_emu_traffic_watch(ctypes.c_void_p(t.data_ptr()), ctypes.c_int64(_span_bytes(label, t)))
                 labels.append(label)
         try:
             return run()
@@ -303,10 +303,10 @@ class Traffic:
         return out
 
 
-def _span_bytes(t: torch.Tensor) -> int:
+def _span_bytes(label: str, t: torch.Tensor) -> int:
     """The bytes from t's first element to one past its last (a broadcast or strided view included)."""
     if any(st < 0 for st in t.stride()):
-        raise ValueError(f"tensor: expected non-negative strides, got {t.stride()}")
+        raise ValueError(f"{label}: expected non-negative strides, got {t.stride()}")
     return (1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride()))) * t.element_size()
 
 

@@ -28,8 +28,9 @@ import torch
 
 from . import ops
 from .data import get_tokenizer, image_processor_for, preprocess_image, trim_at_eos
-from .data.chat import IMAGE_MARKER, NAMED_TEMPLATES, ChatTemplate
+from .data.chat import IMAGE_MARKER, NAMED_TEMPLATES, ChatTemplate, resolve_template
 from .data.conversation import encode_prompt, stop_ids
+from .model.generation import fused_length
 from .model.gpt import MultimodalGPT
 from .model.hub import CONFIG_NAME, find_pretrained_dir
 from .tokens import IMAGE_TOKEN_ID
@@ -88,25 +89,19 @@ def chat_replies(model, tokenizer, template: ChatTemplate, images: torch.Tensor,
     prefix = chat_prompt_ids(tokenizer, template, prompt)
     ids = torch.tensor([prefix] * images.shape[0], dtype=torch.long, device=device)
     stops = [tokenizer.eos_id] + sorted(stop_ids(tokenizer) - {tokenizer.eos_id})
+    images = images.to(device)
     if max_new_tokens is None:
-        max_new_tokens = model.config.max_seq_len - (len(prefix) + model.config.n_image_tokens - 1)
-    out = model.generate(ids, images.to(device), max_new_tokens=max_new_tokens, temperature=temperature,
+        max_new_tokens = model.config.max_seq_len - fused_length(model, ids, images)
+    out = model.generate(ids, images, max_new_tokens=max_new_tokens, temperature=temperature,
                          top_k=top_k, eos_token_id=stops, use_cache=use_cache, generator=generator)
-    replies = []
-    for row in out[:, len(prefix):].tolist():
-        end = next((i for i, t in enumerate(row) if t in stops), len(row))
-        replies.append(tokenizer.decode(row[:end]).strip())
-    return replies
+    return [tokenizer.decode(trim_at_eos(row, stops)).strip() for row in out[:, len(prefix):].tolist()]
 
 
 def chat_template_of(tokenizer, name: Optional[str]) -> Optional[ChatTemplate]:
     """The template chat mode uses: `name` a named one, "none" none, None the tokenizer's own (if any)."""
-    if name == "none":
+    if name == "none" or (name is None and not getattr(tokenizer, "chat_template", None)):
         return None
-    if name is not None:
-        return ChatTemplate.named(name)
-    own = getattr(tokenizer, "chat_template", None)
-    return ChatTemplate(own, f"{getattr(tokenizer, 'source', 'tokenizer')} chat template") if own else None
+    return resolve_template(name, tokenizer)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

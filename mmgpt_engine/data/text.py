@@ -41,7 +41,9 @@ def encode_caption_counted(tokenizer, text: str, prompt: Optional[str] = None,
     return torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long), cut
 
 
-def trim_at_eos(ids: Sequence[int], eos_id: Optional[int]) -> list[int]:
-    """The ids before the first eos (all of them when there is none)."""
+def trim_at_eos(ids: Sequence[int], eos_id) -> list[int]:
+    """The ids before the first eos (all of them when there is none); `eos_id` one id, several (a
+    chat's eos and end-of-turn tokens) or None."""
+    stops = set() if eos_id is None else {int(eos_id)} if isinstance(eos_id, int) else {int(i) for i in eos_id}
     ids = [int(i) for i in ids]
-    return ids[:ids.index(eos_id)] if eos_id is not None and eos_id in ids else ids
+    return ids[:next((k for k, i in enumerate(ids) if i in stops), len(ids))]

@@ -270,14 +270,15 @@ def mmgpt_attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor,
                                "attention dropout to 0 or call model.eval()")
     for option in ("s_aux", "position_bias"):
         if kwargs.get(option) is not None:
-            raise AttentionRefused(f"{name}: {option} is not in ops.flash_attention")
+            raise AttentionRefused(f"{option}: expected None ({name}'s {option} is not in ops.flash_attention), got "
+                                   f"{type(kwargs[option]).__name__}")
     b, _, q_len, _ = query.shape
     kv_len = key.shape[2]
     if isinstance(attention_mask, AttentionLayout):
         layout = attention_mask
         if (layout.q_length, layout.kv_length) != (q_len, kv_len):
-            raise AttentionRefused(f"{name}: the mask was made for {layout.q_length} queries and {layout.kv_length} "
-                                   f"keys, got {q_len} and {kv_len}")
+            raise AttentionRefused(f"attention_mask: expected a layout for {name}'s {q_len} queries and {kv_len} keys, "
+                                   f"got one made for {layout.q_length} and {layout.kv_length}")
     elif attention_mask is None:
         causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
         window = kwargs.get("sliding_window")
