@@ -175,9 +175,7 @@ def test_a_kernel_that_reads_its_input_twice_is_caught(calibration):
     x = torch.randn(1000)
     y = torch.empty_like(x)
     got = _count(calibration, "double_read", dict(src=x, dst=y), x, y, 1000)
-    assert got == {"src": (8000, 0), "dst": (0, 4000)}
-    ratio = sum(sum(v) for v in got.values()) / (2 * x.numel() * 4)
-    assert ratio == 1.5 and not ratio <= 1.05
+    assert got == {"src": (8000, 0), "dst": (0, 4000)}  # 1.5x the copy's 8000 B: over the 1.05 bound
 
 
 @pytest.mark.xdist_group("cuda_emulated")  # the plain build's tests (tests/ops/test_cuda_emulated.py): built once

@@ -409,10 +409,13 @@ def test_each_part_can_be_left_stock():
     model = _build("llama", torch.float32)
     patch = apply_kernels(model, attention=False, cross_entropy=False)
     assert not patch.attention and patch.norms and not patch.loss
-    assert model.config._attn_implementation != "mmgpt"
+    assert model.config._attn_implementation != "mmgpt" and "_loss_function" not in model.__dict__
+    assert any("forward" in m.__dict__ for m in model.modules())  # the norms, patched
     patch.undo()
     patch = apply_kernels(model, norm=False)
     assert patch.attention and not patch.norms and patch.loss
+    assert model.config._attn_implementation == "mmgpt" and "_loss_function" in model.__dict__
+    assert not any("forward" in m.__dict__ for m in model.modules())  # the norms stay stock
     patch.undo()
 
 

@@ -6,6 +6,8 @@ samples, the frozen parameters stay bit-identical, and a stage-2 run resumed fro
 continues as the uninterrupted one. Plus the mistakes that stop a run before anything is built."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -79,7 +81,8 @@ def test_stage1_trains_only_the_connector(stages):
     assert not _same(trained["connector"], towers["connector"])
     rows = metrics(out)
     assert rows[0]["audit_samples"] == 96 and rows[0]["audit_unscorable"] == 0 and rows[0]["audit_scored_tokens"] > 0
-    assert all(r["loss"] == r["loss"] for r in rows if "loss" in r)  # finite, logged every step
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4] and all(math.isfinite(r["loss"]) for r in steps)
 
 
 def test_stage2_mixes_text_only_and_image_batches_under_zero3(stages):
@@ -91,7 +94,8 @@ def test_stage2_mixes_text_only_and_image_batches_under_zero3(stages):
     steps = [r for r in metrics(out) if "loss" in r]
     assert len(steps) == 6 and all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
     final = steps[-1]
-    assert 0.0 <= final["answer_acc"] <= 1.0 and 0.0 <= final["answer_acc_blank_images"] <= 1.0
+    # greedy answers to the 4 held-out questions (caption_eval_samples), with and without the images
+    assert all(0.0 <= final[k] <= 1.0 and (final[k] * 4).is_integer() for k in ("answer_acc", "answer_acc_blank_images"))
     # the exported tokenizer carries the template stage 2 trained with
     assert "<|im_start|>" in (out / "model" / "tokenizer_config.json").read_text()
 
