@@ -127,7 +127,7 @@ def export_llava_hf(checkpoint, out, *, chat_template: Optional[str] = None, dty
 
     model = MultimodalGPT.from_pretrained(folder, backend="torch").eval()
     ids = {"bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id, "pad_token_id": tokenizer.pad_id}
-    eos = [tokenizer.eos_id] + sorted(stop_ids(tokenizer) - {tokenizer.eos_id})  # + end-of-turn tokens
+    eos = stop_ids(tokenizer)  # eos + end-of-turn tokens
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -88,7 +88,7 @@ def chat_replies(model, tokenizer, template: ChatTemplate, images: torch.Tensor,
     device = next(model.parameters()).device
     prefix = chat_prompt_ids(tokenizer, template, prompt)
     ids = torch.tensor([prefix] * images.shape[0], dtype=torch.long, device=device)
-    stops = [tokenizer.eos_id] + sorted(stop_ids(tokenizer) - {tokenizer.eos_id})
+    stops = stop_ids(tokenizer)
     images = images.to(device)
     if max_new_tokens is None:
         max_new_tokens = model.config.max_seq_len - fused_length(model, ids, images)

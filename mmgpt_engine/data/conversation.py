@@ -170,12 +170,12 @@ def encode_prompt(tokenizer, template: ChatTemplate, messages: Sequence[dict], *
     return ids
 
 
-def stop_ids(tokenizer) -> set[int]:
-    """Ids that end a generated reply: eos, and the end-of-turn tokens chat templates use."""
-    ids = {tokenizer.eos_id}
+def stop_ids(tokenizer) -> list[int]:
+    """Ids that end a generated reply: eos first, then the end-of-turn tokens chat templates use."""
+    ids = [tokenizer.eos_id]
     inner = getattr(tokenizer, "tokenizer", None)
     for name in ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>"):
         i = inner.token_to_id(name) if inner is not None and hasattr(inner, "token_to_id") else None
-        if i is not None:
-            ids.add(i)
+        if i is not None and i not in ids:
+            ids.append(i)
     return ids

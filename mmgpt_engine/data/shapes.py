@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .image import normalize
+from .image import preprocess_image
 from .text import encode_caption
 from .tokenizer import ByteTokenizer
 
@@ -184,5 +184,5 @@ class ShapesCaptionDataset(torch.utils.data.Dataset):
         if self.in_channels == 1:
             img = img.convert("L")
         input_ids, labels = encode_caption(self.tokenizer, caption, max_len=self.max_text_len)
-        image = self.image_processor(img) if self.image_processor is not None else normalize(np.asarray(img))
+        image = preprocess_image(img, self.image_size, self.in_channels, self.image_processor)
         return {"image": image, "input_ids": input_ids, "labels": labels, "text": caption}

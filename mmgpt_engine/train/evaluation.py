@@ -173,8 +173,7 @@ def answer_accuracy(engine, questions: list, tokenizer, device, max_new_tokens: 
                 out = engine.module.generate(prompt, images=images, max_new_tokens=max_new_tokens, temperature=0.0,
                                              eos_token_id=None, use_cache=True)
             reply = out[0, len(ids):].tolist()
-            cut = next((i for i, t in enumerate(reply) if t in stops), len(reply))
-            text = tokenizer.decode(reply[:cut]).strip()
+            text = tokenizer.decode(trim_at_eos(reply, stops)).strip()
             correct += float(text == reference.strip())
             seen += 1
             if len(examples) < 3:
