@@ -39,6 +39,7 @@ $(STAMP): pyproject.toml setup.py | $(VPY)
 	$(VPY) -m pip install -q 'setuptools>=64' wheel
 	$(VPY) -c 'import torch' 2>/dev/null || $(VPY) -m pip install -q '$(TORCH_SPEC)'
 	MMGPT_BUILD_CUDA=0 $(VPY) -m pip install -q --no-build-isolation -e '.[dev]'
+	$(VPY) -m mmgpt_engine.ops.cpu --build || echo "the CPU kernels did not build: the torch backend keeps its plain-PyTorch route"
 	touch $(STAMP)
 
 install: $(STAMP)

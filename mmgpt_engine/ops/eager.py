@@ -1,5 +1,7 @@
-"""The `torch` backend's production path: each op through the fastest plain-PyTorch route (SDPA,
-`F.layer_norm`, `F.cross_entropy`, ...), with the semantics of `ops.reference`.
+"""The `torch` backend's production path: each op through the fastest route on the tensors' device,
+with the semantics of `ops.reference`: on float32 CPU tensors the norms, softmax and cross-entropy
+run the compiled CPU kernels of `ops.cpu` (csrc/cpu/kernels.cpp); everything else (and everywhere
+those kernels cannot be built) a plain-PyTorch route (SDPA, `F.layer_norm`, `F.cross_entropy`, ...).
 
 `ops.reference` stays the obviously-right ground truth (float64-capable, every option, what the
 tests compare against); this module is what a CPU run (or `backend="torch"` anywhere) executes.
@@ -22,6 +24,19 @@ import torch.nn.functional as F
 
 from . import reference
 
+_cpu_module = None
+
+
+def _cpu():
+    """ops.cpu, imported on first use (so that `python -m mmgpt_engine.ops.cpu` runs it as __main__
+    without the package having imported it first)."""
+    global _cpu_module
+    if _cpu_module is None:
+        from . import cpu
+
+        _cpu_module = cpu
+    return _cpu_module
+
 _LOW = (torch.float16, torch.bfloat16)
 
 
@@ -31,6 +46,8 @@ def _compute(t: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------- norms
 def layer_norm(x, weight=None, bias=None, eps=1e-5, residual=None):
+    if _cpu().eligible(x, residual, weight, bias):
+        return _cpu().norm(x, weight, bias, residual, eps, is_rms=False)
     h = x if residual is None else x + residual
     hc = _compute(h)
     w = weight.to(hc.dtype) if weight is not None else None
@@ -42,6 +59,8 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5, residual=None):
 def rms_norm(x, weight=None, eps=1e-6, residual=None, *, offset=0.0, casting_mode="gemma"):
     if offset or casting_mode != "gemma":
         return reference.rms_norm(x, weight, eps, residual=residual, offset=offset, casting_mode=casting_mode)
+    if _cpu().eligible(x, residual, weight):
+        return _cpu().norm(x, weight, None, residual, eps, is_rms=True)
     h = x if residual is None else x + residual
     hc = _compute(h)
     w = weight.to(hc.dtype) if weight is not None else None
@@ -51,6 +70,8 @@ def rms_norm(x, weight=None, eps=1e-6, residual=None, *, offset=0.0, casting_mod
 
 # --------------------------------------------------------------------------------------- softmax
 def softmax(x, scale=1.0, mask=None, causal=False):
+    if mask is None and _cpu().eligible(x):
+        return _cpu().softmax(x, scale, causal)
     xc = _compute(x)
     s = xc * scale if scale != 1.0 else xc
     keep = None
@@ -91,6 +112,8 @@ def cross_entropy(logits, target, ignore_index=reference.IGNORE_INDEX, reduction
         return reference.cross_entropy(logits, target, ignore_index, reduction, **options)
     smoothing = float(options.get("label_smoothing", 0.0) or 0.0)
     weight = options.get("weight")
+    if weight is None and not smoothing and _cpu().eligible(logits):
+        return _cpu().cross_entropy(logits, target, ignore_index, reduction)
     v = logits.shape[-1]
     lc = _compute(logits).reshape(-1, v)
     t = target.reshape(-1)
@@ -98,7 +121,9 @@ def cross_entropy(logits, target, ignore_index=reference.IGNORE_INDEX, reduction
     kw = dict(weight=w, ignore_index=ignore_index, label_smoothing=smoothing)
     if reduction == "mean":
         valid = t != ignore_index
-        if logits.device.type == "cpu":  # a host read is free here: PyTorch's own mean, unless nothing is scored
+        # a host read is free on the CPU (not under torch.compile, where it would break the graph):
+        # PyTorch's own mean, unless nothing is scored
+        if logits.device.type == "cpu" and not torch.compiler.is_compiling():
             if bool(valid.any()):
                 return F.cross_entropy(lc, t, reduction="mean", **kw)
             return lc.narrow(-1, 0, 0).sum()  # 0 with a zero gradient, where PyTorch's mean is NaN

@@ -1,0 +1,190 @@
+"""The torch backend's compiled CPU kernels (csrc/cpu/kernels.cpp through `ops.cpu`) against the
+float64 reference, forward and backward, on fresh random inputs: every code path (vector tails,
+several row blocks, short rows in vector lanes, the vocab sizes of each cross-entropy path), plus
+when the torch backend takes them, when it does not, and that their results do not depend on the
+thread count."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mmgpt_engine import ops
+from mmgpt_engine.ops import cpu, reference
+from tests.helpers import check_fwd_bwd
+
+F32 = torch.float32
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    reason = cpu.unavailable_reason()
+    assert reason is None, f"the CPU kernels do not build here: {reason}"
+
+
+# shapes: (rows...) x hidden; 130 rows are three row blocks of the weight-gradient reduction; 129 and
+# 33 leave a vector tail; 7 is shorter than one vector
+NORM_SHAPES = [(3, 7, 129), (130, 33), (2, 1000), (5, 7)]
+
+
+@pytest.mark.parametrize("shape", NORM_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("affine", ["weight+bias", "weight", "none"])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("kind", ["layer_norm", "rms_norm"])
+def test_norm_kernels_match_the_reference(kind, residual, affine, shape):
+    n = shape[-1]
+    is_rms = kind == "rms_norm"
+    x = torch.randn(shape) * 2 + 0.5
+    r = torch.randn(shape) if residual else None
+    w = 1 + 0.3 * torch.randn(n) if affine != "none" else None
+    b = torch.randn(n) if affine == "weight+bias" and not is_rms else None
+    eps = 1e-5
+
+    def kernel(x, r, w, b):
+        out = cpu.norm(x, w, b, r, eps, is_rms)
+        y = out[0] if residual else out
+        assert type(y.grad_fn).__name__ == "_NormBackward"
+        return out
+
+    def ref(x, r, w, b):
+        if is_rms:
+            return reference.rms_norm(x, w, eps, residual=r)
+        return reference.layer_norm(x, w, b, eps, residual=r)
+
+    check_fwd_bwd(kernel, ref, [x, r, w, b], F32)
+
+
+SOFTMAX_CASES = [((3, 7, 11), False), ((3, 7, 11), True), ((2, 9, 5), True), ((5, 3, 40), True),
+                 ((4, 100), False), ((6, 1), False), ((2, 66, 130), False)]
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.7, -1.3])
+@pytest.mark.parametrize("shape,causal", SOFTMAX_CASES, ids=lambda c: str(c))
+def test_softmax_kernels_match_the_reference(shape, causal, scale):
+    x = torch.randn(shape) * 3
+
+    def kernel(x):
+        y = cpu.softmax(x, scale, causal)
+        assert type(y.grad_fn).__name__ == "_SoftmaxBackward"
+        return y
+
+    (y,), _ = check_fwd_bwd(kernel, lambda x: reference.softmax(x, scale, causal=causal), [x], F32)
+    if causal and shape[-2] > shape[-1]:  # the first rows see nothing: zeros, as the reference gives
+        assert y[:, : shape[-2] - shape[-1]].abs().max() == 0
+
+
+# vocab sizes: below two vectors (a row per vector lane), up to 1024 (rows in cache, three passes),
+# beyond (a row at a time); 70 rows leave a partial lane group and a partial row block
+VOCABS = [1, 5, 21, 31, 32, 33, 259, 1024, 1500]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("vocab", VOCABS)
+def test_cross_entropy_kernels_match_the_reference(vocab, reduction):
+    target = torch.randint(0, vocab, (7, 10))
+    target[::3, ::4] = -100
+    logits = torch.randn(7, 10, vocab) * 4
+
+    def kernel(logits):
+        loss = cpu.cross_entropy(logits, target, -100, reduction)
+        assert type(loss.grad_fn).__name__ == "_CrossEntropyBackward"
+        return loss
+
+    check_fwd_bwd(kernel, lambda x: reference.cross_entropy(x, target, reduction=reduction), [logits], F32)
+
+
+def test_cross_entropy_kernel_mean_over_no_counted_row_is_zero_with_a_zero_gradient():
+    for vocab in (21, 300):
+        logits = torch.randn(9, vocab, requires_grad=True)
+        loss = cpu.cross_entropy(logits, torch.full((9,), -100), -100, "mean")
+        loss.backward()
+        assert loss.item() == 0.0 and logits.grad.abs().max().item() == 0.0
+
+
+def test_cross_entropy_kernel_refuses_a_target_out_of_range():
+    logits = torch.randn(4, 21)
+    with pytest.raises(IndexError, match=r"target: expected class indices in \[0, 21\).*got 21 at row 2"):
+        cpu.cross_entropy(logits, torch.tensor([0, 3, 21, -100]), -100, "mean")
+    with pytest.raises(ValueError, match="target"):  # the public op names it its own way
+        ops.cross_entropy(logits, torch.tensor([0, 3, 21, -100]), backend="torch")
+
+
+def test_the_kernels_guard_their_contract():
+    ext = cpu.extension()
+    with pytest.raises(RuntimeError, match="x: expected float32, got Double"):
+        ext.norm_fwd(torch.randn(3, 4, dtype=torch.float64), None, None, None, 1e-5, True)
+    with pytest.raises(RuntimeError, match="residual: expected shape"):
+        ext.norm_fwd(torch.randn(3, 4), torch.randn(4, 3), None, None, 1e-5, True)
+    with pytest.raises(RuntimeError, match="x: expected a contiguous tensor"):
+        ext.softmax_fwd(torch.randn(4, 6).t(), 1.0, 0)
+    with pytest.raises(RuntimeError, match="causal_rows: expected 0 or a divisor"):
+        ext.softmax_fwd(torch.randn(10, 6), 1.0, 3)
+
+
+def _backward_name(out):
+    return type((out[0] if isinstance(out, tuple) else out).grad_fn).__name__
+
+
+def test_the_torch_backend_runs_them_on_float32_cpu_tensors_and_the_plain_route_otherwise():
+    x = torch.randn(4, 6, 32, requires_grad=True)
+    r = torch.randn(4, 6, 32)
+    w = torch.randn(32, requires_grad=True)
+    t = torch.randint(0, 32, (4, 6))
+    assert _backward_name(ops.rms_norm(x, w, residual=r, backend="torch")) == "_NormBackward"
+    assert _backward_name(ops.layer_norm(x, w, w, backend="torch")) == "_NormBackward"
+    assert _backward_name(ops.softmax(x, causal=True, backend="torch")) == "_SoftmaxBackward"
+    assert _backward_name(ops.cross_entropy(x, t, backend="torch")) == "_CrossEntropyBackward"
+    # what the kernels do not cover goes the plain-PyTorch way, with the same meaning
+    plain = [ops.rms_norm(x.bfloat16(), w.bfloat16(), backend="torch"),
+             ops.rms_norm(x.double(), w.double(), backend="torch"),
+             ops.rms_norm(x, w, offset=1.0, backend="torch"),
+             ops.layer_norm(x, w.bfloat16(), backend="torch"),
+             ops.softmax(x, mask=torch.rand(6, 32) > 0.3, backend="torch"),
+             ops.cross_entropy(x, t, label_smoothing=0.1, backend="torch"),
+             ops.cross_entropy(x, t, weight=torch.rand(32), backend="torch")]
+    for out in plain:
+        assert not _backward_name(out).startswith("_")
+
+
+def test_torch_compile_traces_the_plain_route_without_a_graph_break():
+    def block(x, w, t):
+        y, h = ops.rms_norm(x, w, residual=x, backend="torch")
+        return ops.cross_entropy(ops.softmax(y, backend="torch"), t, backend="torch") + h.sum()
+
+    x, w, t = torch.randn(3, 5, 16), torch.randn(16), torch.randint(0, 16, (3, 5))
+    compiled = torch.compile(block, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x, w, t), block(x, w, t))
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    x = torch.randn(300, 96)
+    w = torch.randn(96, requires_grad=True)
+    b = torch.randn(96, requires_grad=True)
+    logits, target = torch.randn(300, 500), torch.randint(0, 500, (300,))
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            xx = x.clone().requires_grad_()
+            y = cpu.norm(xx, w, b, None, 1e-5, False)
+            dx, dw, db = torch.autograd.grad(y, [xx, w, b], torch.ones_like(y) + x)
+            loss = cpu.cross_entropy(logits, target, -100, "mean")
+            results.append([y.detach(), dx, dw, db, loss.detach()])
+    finally:
+        torch.set_num_threads(before)
+    for a, c in zip(*results):
+        assert torch.equal(a, c)
+
+
+def test_switched_off_by_the_environment():
+    code = ("import torch; from mmgpt_engine import ops; from mmgpt_engine.ops import cpu\n"
+            "x = torch.randn(3, 8, requires_grad=True)\n"
+            "print(type(ops.rms_norm(x, None, backend='torch').grad_fn).__name__)\n"
+            "print(cpu.unavailable_reason())\n")
+    env = dict(os.environ, MMGPT_CPU_KERNELS="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    name, reason = out.stdout.strip().splitlines()
+    assert not name.startswith("_") and "MMGPT_CPU_KERNELS=0" in reason
