@@ -186,8 +186,9 @@ def test_jit_can_be_turned_off(monkeypatch):
 
 
 def test_every_csrc_file_is_built_and_shipped():
-    on_disk = {p.name for p in (REPO / "csrc").iterdir() if p.suffix in (".cu", ".cpp", ".cuh", ".h")}
-    assert on_disk == set(cfg.SOURCES) | set(cfg.HEADERS)
+    on_disk = {str(p.relative_to(REPO / "csrc")) for d in (REPO / "csrc", REPO / "csrc" / "cpu") for p in d.iterdir()
+               if p.suffix in (".cu", ".cpp", ".cuh", ".h")}
+    assert on_disk == set(cfg.SOURCES) | set(cfg.HEADERS) | set(cfg.CPU_SOURCES)
     assert cfg.csrc_dir() == REPO / "csrc"
 
 
@@ -196,5 +197,6 @@ def test_setup_py_ships_csrc_in_the_package_without_building(tmp_path):
     env = dict(os.environ, MMGPT_BUILD_CUDA="0")
     subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(tmp_path)], cwd=REPO, env=env,
                    check=True, capture_output=True)
-    shipped = {p.name for p in (tmp_path / "mmgpt_engine" / "ops" / "_csrc").iterdir()}
-    assert shipped == set(cfg.SOURCES) | set(cfg.HEADERS)
+    root = tmp_path / "mmgpt_engine" / "ops" / "_csrc"
+    shipped = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
+    assert shipped == set(cfg.SOURCES) | set(cfg.HEADERS) | set(cfg.CPU_SOURCES)
