@@ -107,3 +107,25 @@ def test_input_sets_span_twice_the_l2_only_when_a_set_fits(ctx):
     assert ctx.n_input_sets(8 << 20) == math.ceil(100 / 8)
     assert ctx.n_input_sets(60 << 20) == 1
     assert ctx.n_input_sets(1024) == 32              # capped
+
+
+def test_the_cpu_mode_times_short_calls_in_blocks_and_long_ones_one_by_one():
+    ctx = Context(Settings.make(quick=True, dry_run=False, cpu=True))
+    x = torch.zeros(3, requires_grad=True)
+    calls = []
+
+    def short():
+        assert x.grad is None  # reset before every call, inside the timed blocks too
+        calls.append(1)
+        (x * 2).sum().backward()
+
+    ms, _ = ctx.measure(short, [x])
+    assert len(calls) > 100 and 0 < ms < 20
+    calls.clear()
+
+    def long():
+        calls.append(1)
+        time.sleep(0.03)
+
+    ms, _ = ctx.measure(long)
+    assert len(calls) == 2 + ctx.settings.cpu_reps and ms >= 30  # warm-up, probe, then the timed calls
