@@ -35,6 +35,7 @@ from typing import Callable, Iterable, Mapping, Optional, TypeVar
 import torch
 
 from mmgpt_engine.ops import _cuda_build as cfg
+from mmgpt_engine.ops._checks import check_choice
 
 SANITIZE_ENV_VAR = "MMGPT_EMU_SANITIZE"
 _ASAN = ["-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
@@ -184,8 +185,7 @@ def sanitizer_env(mode: str, log: Path) -> dict:
     runtime preloaded (with libstdc++, so that its exception interceptor finds its target), its
     reports written to `log`.*, and MMGPT_EMU_SANITIZE=mode. Raises EmulatorUnavailable when g++'s
     runtime for it is not installed."""
-    if mode not in SANITIZER_RUNS:
-        raise ValueError(f"mode: expected one of {list(SANITIZER_RUNS)}, got {mode!r}")
+    check_choice("mode", mode, list(SANITIZER_RUNS))
     runtime, options, _ = SANITIZER_RUNS[mode]
     preload, stdcxx = _gcc_library(runtime), _gcc_library("libstdc++.so.6")
     if preload is None or stdcxx is None:

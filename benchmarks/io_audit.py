@@ -61,6 +61,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # before any Triton kernel is de
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from mmgpt_engine.ops._checks import check_choice  # noqa: E402
+
 from . import formulas  # noqa: E402
 
 OPS = ("norms", "softmax", "cross_entropy", "attention")
@@ -179,8 +181,7 @@ def _counting(backend: str, sm_count: Optional[int]):
         with traffic.counting():
             yield lambda: Counted(traffic.total)
         return
-    if backend != "cuda":
-        raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
+    check_choice("backend", backend, BACKENDS)
     from . import cuda_emulator
 
     ext = cuda_counter()

@@ -37,7 +37,7 @@ from mmgpt_engine.integrations.transformers import (
     apply_kernels,
 )
 from mmgpt_engine.integrations.transformers.attention import layout_from_dense
-from tests.helpers import DEVICE, assert_close_to_truth, kernel_backends
+from tests.helpers import DEVICE, assert_close_to_truth, kernel_backends, max_err
 
 BACKENDS = ["torch"] + kernel_backends()
 # the mask logic and the refusals do not depend on the backend: they run on the fast one, while
@@ -84,7 +84,9 @@ def _two_tower_inputs():
 
 def _llava_inputs():
     ids, mask = _padded_ids(length=10, left=False)
-    ids[:, 1:5] = IMAGE_TOKEN  # 4 patches per 32x32 image (the class token is dropped)
+    # 4 image features per 32x32 image: CLIP's 4 patches without its class token ("default"), or
+    # SigLIP's 4 patches ("full": SigLIP has no class token)
+    ids[:, 1:5] = IMAGE_TOKEN
     return dict(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(2, 3, 32, 32),
                 labels=ids.masked_fill((mask == 0) | (ids == IMAGE_TOKEN), -100))
 
@@ -111,17 +113,8 @@ FAMILIES = {
         vision_feature_layer=-2, vision_feature_select_strategy="default")), _llava_inputs),
     "llava_siglip_qwen2": (lambda: LlavaForConditionalGeneration(LlavaConfig(
         vision_config=_siglip_vision(), text_config=_llama_like(Qwen2Config), image_token_id=IMAGE_TOKEN,
-        vision_feature_layer=-1, vision_feature_select_strategy="full")), None),
+        vision_feature_layer=-1, vision_feature_select_strategy="full")), _llava_inputs),
 }
-
-
-def _inputs_for(family):
-    if family == "llava_siglip_qwen2":
-        ids, mask = _padded_ids(length=10, left=False)
-        ids[:, 1:5] = IMAGE_TOKEN  # "full": all 4 SigLIP patches (SigLIP has no class token)
-        return dict(input_ids=ids, attention_mask=mask, pixel_values=torch.randn(2, 3, 32, 32),
-                    labels=ids.masked_fill((mask == 0) | (ids == IMAGE_TOKEN), -100))
-    return FAMILIES[family][1]()
 
 
 def _outputs(out, inputs):
@@ -163,13 +156,13 @@ def test_float32_matches_the_stock_model(family, backend):
     ours = copy.deepcopy(stock)
     patch = apply_kernels(ours, backend=backend)
     assert patch.attention and patch.norms
-    inputs = _inputs_for(family)
+    inputs = FAMILIES[family][1]()
     want, want_g = _run(stock, inputs)
     got, got_g = _run(ours, inputs)
     assert set(got_g) == set(want_g) and got_g  # the same parameters get gradients
     for name in list(want) + list(want_g):
         a, b = (got | got_g)[name], (want | want_g)[name]
-        err = (a - b).abs().max().item()
+        err = max_err(a, b)
         assert err <= 1e-4, f"{family} {name}: max abs diff {err:.2e} from the stock model"
 
 
@@ -181,7 +174,7 @@ def test_bfloat16_error_within_twice_the_stock_models(family, backend):
     stock = stock.bfloat16()
     ours = copy.deepcopy(stock)
     apply_kernels(ours, backend=backend)
-    inputs = _inputs_for(family)
+    inputs = FAMILIES[family][1]()
     truth, truth_g = _run(truth_model, inputs)
     want, want_g = _run(stock, inputs)
     got, got_g = _run(ours, inputs)
@@ -192,7 +185,7 @@ def test_bfloat16_error_within_twice_the_stock_models(family, backend):
             # model's about as often the larger one, so it is allowed the logits' own error too
             # (any loss error beyond that, like a wrong shift or mask, is far larger)
             key = "logits" if "logits" in truth else "logits_per_image"
-            logits_err = (want[key].double() - truth[key]).abs().max().item()
+            logits_err = max_err(want[key], truth[key])
             floor = logits_err / max(1.0, truth["loss"].abs().item())
         assert_close_to_truth(f"{family} {name}", (got | got_g)[name], (truth | truth_g)[name],
                               (want | want_g)[name], floor=floor)
@@ -210,10 +203,10 @@ def test_sequences_packed_by_position_ids_attend_within_themselves(backend):
     position_ids = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1]], device=DEVICE)
     got = ours(input_ids=ids, position_ids=position_ids).logits
     want = stock(input_ids=ids, position_ids=position_ids).logits
-    assert (got - want).abs().max().item() <= 1e-4
+    assert max_err(got, want) <= 1e-4
     for start, end in ((0, 4), (4, 7), (7, 9)):  # each sequence alone
         alone = stock(input_ids=ids[:, start:end]).logits
-        assert (got[:, start:end] - alone).abs().max().item() <= 1e-4
+        assert max_err(got[:, start:end], alone) <= 1e-4
 
 
 @pytest.mark.parametrize("backend", LOGIC)
@@ -226,7 +219,7 @@ def test_a_padding_hole_in_the_middle_is_exact_too(backend):
     mask[0, 3:5] = 0
     got = ours(input_ids=ids, attention_mask=mask).logits
     want = stock(input_ids=ids, attention_mask=mask).logits
-    assert (got - want).abs().max().item() <= 1e-4
+    assert max_err(got, want) <= 1e-4
 
 
 @pytest.mark.parametrize("backend", LOGIC)
@@ -242,7 +235,7 @@ def test_a_custom_4d_mask_is_decomposed_or_refused(backend):
     block_causal = ((seq.view(-1, 1) == seq.view(1, -1)) & (i.view(1, -1) <= i.view(-1, 1))).view(1, 1, 6, 6)
     got = ours(input_ids=ids, attention_mask=block_causal).logits
     want = stock(input_ids=ids, attention_mask=block_causal).logits
-    assert (got - want).abs().max().item() <= 1e-4
+    assert max_err(got, want) <= 1e-4
     bias = torch.where(block_causal, torch.tensor(0.5, device=DEVICE), torch.tensor(float("-inf"), device=DEVICE))
     with pytest.raises(AttentionRefused, match=r"^attention_mask: an additive mask with values other than 0 and -inf"):
         ours(input_ids=ids, attention_mask=bias)
@@ -290,7 +283,7 @@ def test_a_sliding_window_shorter_than_the_sequence(backend):
     packed = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2]] * 2, device=DEVICE)
     for kwargs in (dict(attention_mask=mask), dict(position_ids=packed)):
         got, want = ours(input_ids=ids, **kwargs).logits, stock(input_ids=ids, **kwargs).logits
-        assert (got - want).abs().max().item() <= 1e-4, kwargs
+        assert max_err(got, want) <= 1e-4, kwargs
     generate = dict(max_new_tokens=4, do_sample=False, use_cache=True, pad_token_id=0)
     prompt = ids[:, :5]
     assert torch.equal(ours.generate(prompt, attention_mask=torch.ones_like(prompt), **generate),
@@ -314,7 +307,7 @@ def test_greedy_generation_matches_also_on_a_left_padded_batch(backend):
         got = ours.generate(ids, attention_mask=attention_mask, **kwargs)
         assert torch.equal(got.sequences, want.sequences)
         for x, y in zip(got.scores, want.scores):
-            assert (x - y).abs().max().item() <= 1e-4
+            assert max_err(x, y) <= 1e-4
 
 
 @pytest.mark.parametrize("backend", LOGIC)

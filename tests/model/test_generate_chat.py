@@ -14,12 +14,12 @@ import torch
 from PIL import Image
 
 from mmgpt_engine import generate as generate_cli
-from mmgpt_engine.data.chat import NAMED_TEMPLATES
 from mmgpt_engine.data.image_processor import ImageProcessor
 from mmgpt_engine.data.image import preprocess_image
 from mmgpt_engine.data.tokenizer import HFTokenizer
 from mmgpt_engine.model import ModelConfig, MultimodalGPT
 from mmgpt_engine.tokens import IMAGE_TOKEN_ID
+from tests.model.tiny_hf import chat_word_tokenizer
 
 PROMPT = "What colour is the circle?"
 WORDS = ["user", "assistant", "What", "colour", "is", "the", "circle?", "It", "red"]
@@ -28,16 +28,8 @@ SIGLIP_LIKE = {"image_processor_type": "SiglipImageProcessor", "size": {"height"
                "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}
 
 
-def chat_tokenizer(template=NAMED_TEMPLATES["chatml"]) -> HFTokenizer:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    specials = ["<bos>", "<eos>", "<pad>", "<|im_start|>", "<|im_end|>"]
-    vocab = {t: i for i, t in enumerate(specials + ["<unk>"] + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.add_special_tokens(specials)
-    return HFTokenizer(tok, special_tokens={"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"},
-                       chat_template=template)
+def chat_tokenizer(template="chatml") -> HFTokenizer:
+    return chat_word_tokenizer(WORDS, template=template)
 
 
 def bigram_model(tokenizer, chain: dict) -> MultimodalGPT:

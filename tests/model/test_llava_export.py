@@ -15,14 +15,14 @@ import torch
 from PIL import Image
 
 from mmgpt_engine import export as export_cli
-from mmgpt_engine.data.chat import NAMED_TEMPLATES, ChatTemplate
+from mmgpt_engine.data.chat import ChatTemplate
 from mmgpt_engine.data.conversation import encode_prompt
 from mmgpt_engine.data.image_processor import ImageProcessor
 from mmgpt_engine.data.tokenizer import HFTokenizer
 from mmgpt_engine.model import ModelConfig, MultimodalGPT
 from mmgpt_engine.model.hf_export import check_llava_exportable
 from mmgpt_engine.tokens import IMAGE_TOKEN_ID
-from tests.model.tiny_hf import save_processor, save_text, save_vision
+from tests.model.tiny_hf import chat_word_tokenizer, save_processor, save_text, save_vision
 
 transformers = pytest.importorskip("transformers")
 
@@ -43,15 +43,7 @@ PROCESSORS = {"clip": dict(size={"shortest_edge": 32}, crop_size={"height": 32, 
 
 def chat_tokenizer(with_image_token: bool) -> HFTokenizer:
     """A word-level tokenizer with chatml's markers as special tokens and the chatml template."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    specials = ["<bos>", "<eos>", "<pad>", "<|im_start|>", "<|im_end|>"] + (["<image>"] if with_image_token else [])
-    vocab = {t: i for i, t in enumerate(specials + ["<unk>"] + WORDS)}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok.add_special_tokens(specials)
-    return HFTokenizer(tok, special_tokens={"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"},
-                       chat_template=NAMED_TEMPLATES["chatml"])
+    return chat_word_tokenizer(WORDS, extra_specials=["<image>"] if with_image_token else [])
 
 
 def build_stage2(tmp_path, text: str, vision: str, layer: int, select: str, with_image_token: bool,

@@ -85,3 +85,24 @@ def save_processor(folder, name: str, **values):
 
     cls = {"clip": transformers.CLIPImageProcessor, "siglip": transformers.SiglipImageProcessor}[name]
     cls(**values).save_pretrained(folder)
+
+
+CHAT_SPECIALS = ["<bos>", "<eos>", "<pad>", "<|im_start|>", "<|im_end|>"]
+
+
+def chat_word_tokenizer(words, *, extra_specials=(), template="chatml"):
+    """A word-level tokenizer (words split on whitespace, so ids are easy to write down) with chatml's
+    markers and `extra_specials` as special tokens and a chat template (a NAMED_TEMPLATES name, a
+    template string, or None)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from mmgpt_engine.data.chat import NAMED_TEMPLATES
+    from mmgpt_engine.data.tokenizer import HFTokenizer
+
+    specials = CHAT_SPECIALS + list(extra_specials)
+    vocab = {t: i for i, t in enumerate(specials + ["<unk>"] + list(words))}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(specials)
+    return HFTokenizer(tok, special_tokens={"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>"},
+                       chat_template=NAMED_TEMPLATES.get(template, template) if template else None)

@@ -147,15 +147,14 @@ def layout_from_dense(keep: Tensor, keep_queries: Optional[Tensor] = None) -> At
     b, q_len, k_len = keep.shape
     device = keep.device
     if q_len != k_len:
-        i = torch.arange(q_len, device=device).view(-1, 1) + (k_len - q_len)
-        j = torch.arange(k_len, device=device).view(1, -1)
         if bool(keep.all()):
             return AttentionLayout(q_len, k_len, False)
-        causal = j <= i
-        if bool((keep == causal).all()):
+        if bool((keep == ops.reference.causal_keep(q_len, k_len, device)).all()):
             return AttentionLayout(q_len, k_len, True)
-        window = int(keep.sum(-1).max())
-        if bool((keep == (causal & (j > i - window))).all()):
+        window = int(keep.sum(-1).max())  # keys a query sees, itself included
+        windowed = ops.reference.attention_keep_mask(q_len, k_len, causal=True, window_size=(window - 1, 0),
+                                                     device=device)
+        if bool((keep == windowed).all()):
             return AttentionLayout(q_len, k_len, True, window)
         raise AttentionRefused(
             f"attention_mask: with {q_len} queries against {k_len} keys only a full, a bottom-right causal or a "
