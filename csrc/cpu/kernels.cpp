@@ -183,25 +183,42 @@ std::vector<Tensor> norm_fwd(const Tensor& x, const OptTensor& residual, const O
   const float fe = static_cast<float>(eps), inv_n = 1.f / static_cast<float>(n);
   for_row_blocks(rows, n, [&](int64_t, int64_t r0, int64_t r1) {
     for (int64_t i = r0; i < r1; ++i) {
-      const float* src = xp + i * n;
-      if (has_res) {
-        const float* a = xp + i * n;
-        const float* r = rp + i * n;
-        float* hr = hp + i * n;
-        for_vec(n, [&](int64_t j, int64_t c) { st(ld(a + j, c) + ld(r + j, c), hr + j, c); });
-        src = hr;
+      // one pass: h = x + residual written, and the sums of d = h - K and d * d, K = the row's
+      // first value for LayerNorm (a shift, so E[d^2] - E[d]^2 does not cancel), 0 for RMSNorm
+      const float* a = xp + i * n;
+      const float* r = has_res ? rp + i * n : nullptr;
+      float* hr = has_res ? hp + i * n : nullptr;
+      const float* src = has_res ? hr : a;
+      const float k0 = is_rms ? 0.f : (has_res ? a[0] + r[0] : a[0]);
+      const Vec vk(k0), zero(0.f);
+      Vec s1a(0.f), s1b(0.f), s2a(0.f), s2b(0.f);
+      auto step = [&](int64_t j, int64_t c, Vec& s1, Vec& s2) {
+        Vec hv = ld(a + j, c);
+        if (r) {
+          hv = hv + ld(r + j, c);
+          st(hv, hr + j, c);
+        }
+        Vec d = hv - vk;
+        if (c != kW) d = Vec::set(zero, d, c);
+        s1 = s1 + d;
+        s2 = s2 + d * d;
+      };
+      int64_t j = 0;
+      for (; j + 2 * kW <= n; j += 2 * kW) {
+        step(j, kW, s1a, s2a);
+        step(j + kW, kW, s1b, s2b);
       }
+      for (; j + kW <= n; j += kW) step(j, kW, s1a, s2a);
+      if (j < n) step(j, n - j, s1b, s2b);
+      const float m1 = hsum(s1a + s1b) * inv_n;
+      float ss = hsum(s2a + s2b);  // n * E[d^2]
       float mu = 0.f;
       if (!is_rms) {
-        mu = row_sum(n, [&](int64_t j, int64_t c) { return ld(src + j, c); }) * inv_n;
+        mu = k0 + m1;
         mp[i] = mu;
+        ss = std::max(ss - static_cast<float>(n) * m1 * m1, 0.f);  // n * var
       }
       const Vec vmu(mu);
-      // (h - mu) is 0 in the lanes past the row only when mu is subtracted from the loaded lanes
-      const float ss = row_sum(n, [&](int64_t j, int64_t c) {
-        const Vec d = c == kW ? Vec::loadu(src + j) - vmu : Vec::set(Vec(0.f), Vec::loadu(src + j, c) - vmu, c);
-        return d * d;
-      });
       const float rs = 1.f / std::sqrt(ss * inv_n + fe);
       sp[i] = rs;
       const Vec vrs(rs);
@@ -259,8 +276,26 @@ std::vector<Tensor> norm_bwd(const Tensor& dy, const OptTensor& dh, const Tensor
       // row load as 0, so gw is 0 there and so are the products summed.
       auto xhat = [&](int64_t j, int64_t c) { return (ld(hr + j, c) - vmu) * vrs; };
       auto gw = [&](int64_t j, int64_t c) { return w ? ld(g + j, c) * ld(w + j, c) : ld(g + j, c); };
-      const float c1 = row_sum(n, [&](int64_t j, int64_t c) { return gw(j, c) * xhat(j, c); }) * inv_n;
-      const float c2 = is_rms ? 0.f : row_sum(n, gw) * inv_n;
+      float c1, c2 = 0.f;
+      if (is_rms) {
+        c1 = row_sum(n, [&](int64_t j, int64_t c) { return gw(j, c) * xhat(j, c); }) * inv_n;
+      } else {  // both sums in one pass
+        Vec p1a(0.f), p1b(0.f), p2a(0.f), p2b(0.f);
+        auto step = [&](int64_t j, int64_t c, Vec& p1, Vec& p2) {
+          const Vec gv = gw(j, c);
+          p1 = p1 + gv * xhat(j, c);
+          p2 = p2 + gv;
+        };
+        int64_t j = 0;
+        for (; j + 2 * kW <= n; j += 2 * kW) {
+          step(j, kW, p1a, p2a);
+          step(j + kW, kW, p1b, p2b);
+        }
+        for (; j + kW <= n; j += kW) step(j, kW, p1a, p2a);
+        if (j < n) step(j, n - j, p1b, p2b);
+        c1 = hsum(p1a + p1b) * inv_n;
+        c2 = hsum(p2a + p2b) * inv_n;
+      }
       const Vec vc1(c1), vc2(c2);
       float* d = dxp + i * n;
       const float* e = has_dh ? dhp + i * n : nullptr;

@@ -188,3 +188,14 @@ def test_switched_off_by_the_environment():
     assert out.returncode == 0, out.stderr
     name, reason = out.stdout.strip().splitlines()
     assert not name.startswith("_") and "MMGPT_CPU_KERNELS=0" in reason
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_layer_norm_kernel_keeps_its_precision_far_from_zero(residual):
+    """Rows whose mean is far larger than their spread: the one-pass statistics are shifted by the
+    row's first value, so they do not cancel."""
+    x = 500 + 0.05 * torch.randn(6, 300)
+    r = 0.05 * torch.randn(6, 300) if residual else None
+    w, b = 1 + 0.3 * torch.randn(300), torch.randn(300)
+    check_fwd_bwd(lambda x, r, w, b: cpu.norm(x, w, b, r, 1e-5, False),
+                  lambda x, r, w, b: reference.layer_norm(x, w, b, 1e-5, residual=r), [x, r, w, b], F32)
