@@ -95,6 +95,19 @@ inline void for_vec(int64_t n, const F& f) {
   if (j < n) f(j, n - j);
 }
 
+// calls f(j, cnt, k) over [0, n) in vectors of cnt = kW floats (the last one shorter), k alternating
+// 0, 1 so that two sets of accumulators take turns and their adds overlap
+template <typename F>
+inline void for_vec_2way(int64_t n, const F& f) {
+  int64_t j = 0;
+  for (; j + 2 * kW <= n; j += 2 * kW) {
+    f(j, kW, 0);
+    f(j + kW, kW, 1);
+  }
+  for (; j + kW <= n; j += kW) f(j, kW, 0);
+  if (j < n) f(j, n - j, 1);
+}
+
 // sum over [0, n) of the vectors fv(j, cnt) returns (lanes past cnt must be 0): four independent
 // accumulators, so the adds overlap
 template <typename FV>
@@ -191,8 +204,8 @@ std::vector<Tensor> norm_fwd(const Tensor& x, const OptTensor& residual, const O
       const float* src = has_res ? hr : a;
       const float k0 = is_rms ? 0.f : (has_res ? a[0] + r[0] : a[0]);
       const Vec vk(k0), zero(0.f);
-      Vec s1a(0.f), s1b(0.f), s2a(0.f), s2b(0.f);
-      auto step = [&](int64_t j, int64_t c, Vec& s1, Vec& s2) {
+      Vec s1[2] = {zero, zero}, s2[2] = {zero, zero};
+      for_vec_2way(n, [&](int64_t j, int64_t c, int k) {
         Vec hv = ld(a + j, c);
         if (r) {
           hv = hv + ld(r + j, c);
@@ -200,18 +213,11 @@ std::vector<Tensor> norm_fwd(const Tensor& x, const OptTensor& residual, const O
         }
         Vec d = hv - vk;
         if (c != kW) d = Vec::set(zero, d, c);
-        s1 = s1 + d;
-        s2 = s2 + d * d;
-      };
-      int64_t j = 0;
-      for (; j + 2 * kW <= n; j += 2 * kW) {
-        step(j, kW, s1a, s2a);
-        step(j + kW, kW, s1b, s2b);
-      }
-      for (; j + kW <= n; j += kW) step(j, kW, s1a, s2a);
-      if (j < n) step(j, n - j, s1b, s2b);
-      const float m1 = hsum(s1a + s1b) * inv_n;
-      float ss = hsum(s2a + s2b);  // n * E[d^2]
+        s1[k] = s1[k] + d;
+        s2[k] = s2[k] + d * d;
+      });
+      const float m1 = hsum(s1[0] + s1[1]) * inv_n;
+      float ss = hsum(s2[0] + s2[1]);  // n * E[d^2]
       float mu = 0.f;
       if (!is_rms) {
         mu = k0 + m1;
@@ -280,21 +286,15 @@ std::vector<Tensor> norm_bwd(const Tensor& dy, const OptTensor& dh, const Tensor
       if (is_rms) {
         c1 = row_sum(n, [&](int64_t j, int64_t c) { return gw(j, c) * xhat(j, c); }) * inv_n;
       } else {  // both sums in one pass
-        Vec p1a(0.f), p1b(0.f), p2a(0.f), p2b(0.f);
-        auto step = [&](int64_t j, int64_t c, Vec& p1, Vec& p2) {
+        const Vec zero(0.f);
+        Vec p1[2] = {zero, zero}, p2[2] = {zero, zero};
+        for_vec_2way(n, [&](int64_t j, int64_t c, int k) {
           const Vec gv = gw(j, c);
-          p1 = p1 + gv * xhat(j, c);
-          p2 = p2 + gv;
-        };
-        int64_t j = 0;
-        for (; j + 2 * kW <= n; j += 2 * kW) {
-          step(j, kW, p1a, p2a);
-          step(j + kW, kW, p1b, p2b);
-        }
-        for (; j + kW <= n; j += kW) step(j, kW, p1a, p2a);
-        if (j < n) step(j, n - j, p1b, p2b);
-        c1 = hsum(p1a + p1b) * inv_n;
-        c2 = hsum(p2a + p2b) * inv_n;
+          p1[k] = p1[k] + gv * xhat(j, c);
+          p2[k] = p2[k] + gv;
+        });
+        c1 = hsum(p1[0] + p1[1]) * inv_n;
+        c2 = hsum(p2[0] + p2[1]) * inv_n;
       }
       const Vec vc1(c1), vc2(c2);
       float* d = dxp + i * n;
