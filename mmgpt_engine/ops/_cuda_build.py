@@ -10,8 +10,9 @@ import os
 import re
 import shutil
 import subprocess
+import threading
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 EXTENSION_NAME = "mmgpt_engine_C"        # the JIT module
 AOT_MODULE = "mmgpt_engine._C"           # the module setup.py builds
@@ -123,3 +124,26 @@ def cache_root() -> Path:
         return Path(env).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "mmgpt_engine"
+
+
+class LoadOnce:
+    """A compiled extension loaded on first use, once per process (thread-safe): `get()` returns the
+    module, or raises again the `error_type` error the first attempt raised. The cuda backend and the
+    CPU kernels each hold one."""
+
+    def __init__(self, load: Callable[[], object], error_type: type):
+        self._load, self._error_type = load, error_type
+        self._lock = threading.Lock()
+        self.module = None            # set once a load succeeded
+        self.error: Optional[Exception] = None
+
+    def get(self):
+        with self._lock:
+            if self.module is None and self.error is None:
+                try:
+                    self.module = self._load()
+                except self._error_type as e:
+                    self.error = e
+            if self.error is not None:
+                raise self.error
+            return self.module

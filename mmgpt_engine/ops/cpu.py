@@ -25,7 +25,6 @@ import argparse
 import logging
 import os
 import sys
-import threading
 import time
 from typing import Optional
 
@@ -50,8 +49,6 @@ class CpuExtensionError(RuntimeError):
     """The CPU kernels cannot be built or loaded here; the message says why."""
 
 
-_lock = threading.Lock()
-_state: dict = {}
 
 
 def isa() -> str:
@@ -87,21 +84,22 @@ def build(verbose: bool = False):
         raise CpuExtensionError(f"CPU kernels not built in {build_dir}: {e}") from e
 
 
+def _load():
+    if os.environ.get(ENV_VAR, "1") == "0":
+        raise CpuExtensionError(f"{ENV_VAR}=0 turns the CPU kernels off")
+    try:
+        return build()
+    except CpuExtensionError as e:
+        logger.warning("the torch backend runs its plain-PyTorch route on the CPU: %s", e)
+        raise
+
+
+_loaded = cfg.LoadOnce(_load, CpuExtensionError)
+
+
 def extension():
     """The loaded module (built on first use); raises CpuExtensionError."""
-    with _lock:
-        if "module" not in _state and "error" not in _state:
-            if os.environ.get(ENV_VAR, "1") == "0":
-                _state["error"] = CpuExtensionError(f"{ENV_VAR}=0 turns the CPU kernels off")
-            else:
-                try:
-                    _state["module"] = build()
-                except CpuExtensionError as e:
-                    _state["error"] = e
-                    logger.warning("the torch backend runs its plain-PyTorch route on the CPU: %s", e)
-        if "error" in _state:
-            raise _state["error"]
-        return _state["module"]
+    return _loaded.get()
 
 
 def unavailable_reason() -> Optional[str]:
@@ -117,7 +115,7 @@ def enabled() -> bool:
     """Whether `ops.eager` sends eligible calls here (False inside torch.compile's tracing)."""
     if torch.compiler.is_compiling():
         return False
-    if "module" in _state:
+    if _loaded.module is not None:
         return True
     return unavailable_reason() is None
 
@@ -127,11 +125,11 @@ def eligible(*tensors: Optional[Tensor]) -> bool:
     for t in tensors:
         if t is not None and (t.dtype is not torch.float32 or not t.is_cpu):
             return False
-    return "module" in _state and not torch.compiler.is_compiling() or enabled()
+    return _loaded.module is not None and not torch.compiler.is_compiling() or enabled()
 
 
 def _ext():
-    module = _state.get("module")
+    module = _loaded.module
     return module if module is not None else extension()
 
 

@@ -28,7 +28,6 @@ import importlib
 import logging
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -47,8 +46,6 @@ class CudaExtensionError(RuntimeError):
     """The extension cannot be loaded or built here; the message says why."""
 
 
-_lock = threading.Lock()
-_state: dict = {}  # "module" or "error", set by the first load attempt
 
 
 # --------------------------------------------------------------------------------------- build
@@ -172,17 +169,12 @@ def _load():
     return build(_runtime_arch_list())
 
 
+_loaded = cfg.LoadOnce(lambda: _load(), CudaExtensionError)
+
+
 def extension():
     """The loaded extension module (built on first use); raises CudaExtensionError."""
-    with _lock:
-        if "module" not in _state and "error" not in _state:
-            try:
-                _state["module"] = _load()
-            except CudaExtensionError as e:
-                _state["error"] = e
-        if "error" in _state:
-            raise _state["error"]
-        return _state["module"]
+    return _loaded.get()
 
 
 def unavailable_reason() -> Optional[str]:
