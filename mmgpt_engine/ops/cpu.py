@@ -5,7 +5,10 @@ Eager PyTorch runs LayerNorm, RMSNorm, softmax and cross-entropy on the CPU as s
 full-size temporaries (RMSNorm's backward is a chain of elementwise ops; cross-entropy's log-sum-exp
 allocates a logits-sized exp), well behind what `torch.compile` makes of the same code. These
 kernels read each row once and revisit it while it is in cache, with the ISA's vectors (AVX-512,
-AVX2, or scalar, chosen from `torch.backends.cpu.get_cpu_capability()`).
+AVX2, or scalar, chosen from `torch.backends.cpu.get_cpu_capability()`). Attention reads
+flash-attn's (B, S, H, D) layout in place (SDPA wants (B, H, S, D) and runs slower on transposed
+views) and takes each query row's visible keys as one run, so masked tiles cost nothing; at the
+small shapes a CPU trains at its fixed cost is a fraction of SDPA's.
 
 Built on first use with `torch.utils.cpp_extension.load` (a C++ compiler and ninja; about a minute)
 into $MMGPT_CUDA_CACHE, else ~/.cache/mmgpt_engine (one folder per torch version and ISA); `make
@@ -14,7 +17,8 @@ warning says why, once). MMGPT_CPU_KERNELS=0 turns the kernels off.
 
 What runs here (everything else takes the plain-PyTorch route): float32 tensors on the CPU, outside
 `torch.compile` (which fuses the plain route itself); the norms with float32 weight and bias,
-softmax without a `mask`, cross-entropy without class weights or label smoothing. Double backward
+softmax without a `mask`, cross-entropy without class weights or label smoothing, attention with
+q, k and v of one head dim and without `return_lse`, softcap or ALiBi. Double backward
 is not supported (the backward functions are once-differentiable).
 
     python -m mmgpt_engine.ops.cpu --build     # build now (and say where)
@@ -210,6 +214,35 @@ def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int, reduction: 
     """Cross-entropy of logits (..., V) against target (...): "mean" over the counted rows (0 when
     none counts), "sum", or "none" (shaped like target). A bad target raises IndexError."""
     return _CrossEntropy.apply(logits.contiguous(), target.to(torch.int64).contiguous(), int(ignore_index), reduction)
+
+
+# -------------------------------------------------------------------------------------- attention
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, ranges, scale):
+        o, lse = _ext().attention_fwd(q, k, v, ranges, scale)
+        ctx.save_for_backward(q, k, v, o, lse, ranges)
+        ctx.scale = scale
+        return o
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, do):
+        q, k, v, o, lse, ranges = ctx.saved_tensors
+        dq, dk, dv = _ext().attention_bwd(q, k, v, o, lse, do.contiguous(), ranges, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def _heads(t: Tensor) -> Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, ranges: Tensor, scale: float) -> Tensor:
+    """Attention in flash-attn's layout: q (B, S_q, H, D), k and v (B, S_k, H_kv, D) (any strides but
+    the last; H a multiple of H_kv), query row i of batch b seeing the keys [lo, hi) =
+    ranges[b, i] (ranges int32 (1 or B, S_q, 2)); a row that sees no key gives 0. Returns o
+    (B, S_q, H, D), contiguous."""
+    return _Attention.apply(_heads(q), _heads(k), _heads(v), ranges, float(scale))
 
 
 def main(argv=None) -> int:

@@ -1,16 +1,19 @@
 """The `torch` backend's production path: each op through the fastest route on the tensors' device,
-with the semantics of `ops.reference`: on float32 CPU tensors the norms, softmax and cross-entropy
-run the compiled CPU kernels of `ops.cpu` (csrc/cpu/kernels.cpp); everything else (and everywhere
-those kernels cannot be built) a plain-PyTorch route (SDPA, `F.layer_norm`, `F.cross_entropy`, ...).
+with the semantics of `ops.reference`: on float32 CPU tensors the norms, softmax, cross-entropy
+and attention run the compiled CPU kernels of `ops.cpu` (csrc/cpu/kernels.cpp); everything else
+(and everywhere those kernels cannot be built) a plain-PyTorch route (SDPA, `F.layer_norm`,
+`F.cross_entropy`, ...).
 
 `ops.reference` stays the obviously-right ground truth (float64-capable, every option, what the
 tests compare against); this module is what a CPU run (or `backend="torch"` anywhere) executes.
 Each function handles the common cases itself and hands anything else (an option the fast route
 cannot express exactly) to the reference, so the two never disagree on what an op means:
   - 16-bit inputs are computed in float32 and cast back, as the reference and the kernels do;
-  - attention: SDPA with a boolean mask (causal bottom-right, prefix-LM, sliding window,
-    per-sequence blocks of a packed batch), GQA without repeating k/v; `return_lse`, softcap,
-    ALiBi, separate key offsets and a window over packed sequences go to the reference;
+  - attention: on float32 CPU tensors the CPU kernel (`ops.cpu.attention`: flash-attn's layout
+    read in place, each query row's visible keys as one run [lo, hi), which every mask here is);
+    elsewhere SDPA with a boolean mask (causal bottom-right, prefix-LM, sliding window,
+    per-sequence blocks of a packed batch); GQA without repeating k/v in both; `return_lse`,
+    softcap, ALiBi, separate key offsets and a window over packed sequences go to the reference;
   - a softmax row or an attention query that sees nothing gives 0 (SDPA's own rule on the CPU);
   - cross-entropy's mean over no scored row is 0, not NaN.
 """
@@ -153,6 +156,42 @@ def _packed_keep(cu_seqlens: torch.Tensor, causal: bool, prefix) -> torch.Tensor
     return keep
 
 
+def key_ranges(keep: Optional[torch.Tensor], s_q: int, s_k: int) -> Optional[torch.Tensor]:
+    """The CPU attention kernel's form of a keep mask (None, (S_q, S_k) or (B, S_q, S_k) bool):
+    int32 (1 or B, S_q, 2), row i's visible keys [lo, hi) ([0, 0) for a row that sees none); None
+    where some row's visible keys are not one contiguous run (the kernel cannot express it)."""
+    if keep is None:
+        return torch.tensor([0, s_k], dtype=torch.int32).expand(1, s_q, 2).contiguous()
+    keep = keep.reshape(-1, s_q, s_k).cpu()
+    seen = keep.any(-1)
+    as_int = keep.to(torch.int8)
+    lo = torch.where(seen, as_int.argmax(-1), 0)
+    hi = torch.where(seen, s_k - as_int.flip(-1).argmax(-1), 0)
+    if not bool((keep.sum(-1) == hi - lo).all()):
+        return None
+    return torch.stack((lo, hi), dim=-1).to(torch.int32).contiguous()
+
+
+@functools.lru_cache(maxsize=64)
+def _dense_ranges(s_q: int, s_k: int, causal: bool, prefix_len: Optional[int], window: tuple):
+    return key_ranges(_keep_mask(s_q, s_k, causal, prefix_len, window, torch.device("cpu")), s_q, s_k)
+
+
+def _attention_kernel_ranges(q, k, v, causal, prefix_len, cu_seqlens, window) -> Optional[torch.Tensor]:
+    """ranges for ops.cpu.attention where it runs this call (float32 CPU q, k, v of one head dim,
+    4-d, keys present, every row's keys one run), else None."""
+    if q.dim() != 4 or k.dim() != 4 or v.shape != k.shape or k.shape[1] == 0 or q.shape[-1] != k.shape[-1] \
+            or not _cpu().eligible(q, k, v):
+        return None
+    s_q, s_k = q.shape[1], k.shape[1]
+    if cu_seqlens is not None:
+        return key_ranges(_packed_keep(cu_seqlens, causal, prefix_len), s_q, s_k)
+    if isinstance(prefix_len, torch.Tensor):
+        return key_ranges(reference.attention_keep_mask(s_q, s_k, causal=causal, prefix_len=prefix_len,
+                                                        window_size=window), s_q, s_k)
+    return _dense_ranges(s_q, s_k, causal, prefix_len, window)
+
+
 def flash_attention(q, k, v, *, causal=False, prefix_len=None, cu_seqlens=None, max_seqlen=None,
                     softmax_scale=None, return_lse=False, **options):
     window = tuple(options.get("window_size") or (-1, -1))
@@ -164,11 +203,18 @@ def flash_attention(q, k, v, *, causal=False, prefix_len=None, cu_seqlens=None, 
                                          return_lse=return_lse, **options)
     if prefix_len is not None:
         causal = True
+    ranges = _attention_kernel_ranges(q, k, v, causal, prefix_len, cu_seqlens, window)
+    if ranges is not None:
+        scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+        return _cpu().attention(q, k, v, ranges, scale)
     s_q, s_k = q.shape[1], k.shape[1]
     if cu_seqlens is not None:
         keep = _packed_keep(cu_seqlens, causal, prefix_len)
     elif causal or window != (-1, -1):
         if isinstance(prefix_len, torch.Tensor):
+            keep = reference.attention_keep_mask(s_q, s_k, causal=causal, prefix_len=prefix_len, window_size=window,
+                                                 device=q.device)
+        elif torch.compiler.is_compiling():  # traced once into the graph
             keep = reference.attention_keep_mask(s_q, s_k, causal=causal, prefix_len=prefix_len, window_size=window,
                                                  device=q.device)
         else:  # the same few masks every step: built once

@@ -135,6 +135,9 @@ def test_the_torch_backend_runs_them_on_float32_cpu_tensors_and_the_plain_route_
     assert _backward_name(ops.layer_norm(x, w, w, backend="torch")) == "_NormBackward"
     assert _backward_name(ops.softmax(x, causal=True, backend="torch")) == "_SoftmaxBackward"
     assert _backward_name(ops.cross_entropy(x, t, backend="torch")) == "_CrossEntropyBackward"
+    heads = x.view(4, 6, 2, 16)
+    assert _backward_name(ops.flash_attention(heads, heads, heads, prefix_len=2, backend="torch")) == \
+        "_AttentionBackward"
     # what the kernels do not cover goes the plain-PyTorch way, with the same meaning
     plain = [ops.rms_norm(x.bfloat16(), w.bfloat16(), backend="torch"),
              ops.rms_norm(x.double(), w.double(), backend="torch"),
@@ -142,7 +145,9 @@ def test_the_torch_backend_runs_them_on_float32_cpu_tensors_and_the_plain_route_
              ops.layer_norm(x, w.bfloat16(), backend="torch"),
              ops.softmax(x, mask=torch.rand(6, 32) > 0.3, backend="torch"),
              ops.cross_entropy(x, t, label_smoothing=0.1, backend="torch"),
-             ops.cross_entropy(x, t, weight=torch.rand(32), backend="torch")]
+             ops.cross_entropy(x, t, weight=torch.rand(32), backend="torch"),
+             ops.flash_attention(x.view(4, 6, 2, 16).bfloat16(), x.view(4, 6, 2, 16).bfloat16(),
+                                 x.view(4, 6, 2, 16).bfloat16(), causal=True, backend="torch")]
     for out in plain:
         assert not _backward_name(out).startswith("_")
 
@@ -150,7 +155,8 @@ def test_the_torch_backend_runs_them_on_float32_cpu_tensors_and_the_plain_route_
 def test_torch_compile_traces_the_plain_route_without_a_graph_break():
     def block(x, w, t):
         y, h = ops.rms_norm(x, w, residual=x, backend="torch")
-        return ops.cross_entropy(ops.softmax(y, backend="torch"), t, backend="torch") + h.sum()
+        a = ops.flash_attention(*(y.view(3, 5, 2, 8),) * 3, prefix_len=2, backend="torch").reshape(3, 5, 16)
+        return ops.cross_entropy(ops.softmax(y + a, backend="torch"), t, backend="torch") + h.sum()
 
     x, w, t = torch.randn(3, 5, 16), torch.randn(16), torch.randint(0, 16, (3, 5))
     compiled = torch.compile(block, backend="eager", fullgraph=True)
@@ -171,7 +177,10 @@ def test_results_do_not_depend_on_the_thread_count():
             y = cpu.norm(xx, w, b, None, 1e-5, False)
             dx, dw, db = torch.autograd.grad(y, [xx, w, b], torch.ones_like(y) + x)
             loss = cpu.cross_entropy(logits, target, -100, "mean")
-            results.append([y.detach(), dx, dw, db, loss.detach()])
+            qkv = torch.randn(4, 40, 3, 4, 32, generator=torch.Generator().manual_seed(0)).requires_grad_()
+            o = ops.flash_attention(*qkv.unbind(2), prefix_len=9, backend="torch")
+            (dqkv,) = torch.autograd.grad(o, [qkv], torch.ones_like(o))
+            results.append([y.detach(), dx, dw, db, loss.detach(), o.detach(), dqkv])
     finally:
         torch.set_num_threads(before)
     for a, c in zip(*results):
@@ -199,3 +208,80 @@ def test_layer_norm_kernel_keeps_its_precision_far_from_zero(residual):
     w, b = 1 + 0.3 * torch.randn(300), torch.randn(300)
     check_fwd_bwd(lambda x, r, w, b: cpu.norm(x, w, b, r, 1e-5, False),
                   lambda x, r, w, b: reference.layer_norm(x, w, b, 1e-5, residual=r), [x, r, w, b], F32)
+
+
+# attention: (B, S_q, S_k, H, H_kv, D, mask options); 37 query rows leave a partial row block, D 40
+# and 8 a vector tail (and 8 less than one vector), S_q > S_k bottom-right causal rows that see nothing
+ATTENTION_CASES = [
+    ((2, 16, 16, 4, 4, 32), {}),
+    ((2, 37, 37, 4, 2, 40), {"causal": True}),
+    ((3, 26, 26, 4, 4, 32), {"prefix_len": 8}),
+    ((2, 21, 21, 6, 2, 8), {"prefix_len": torch.tensor([3, 21])}),
+    ((1, 40, 40, 2, 1, 64), {"window_size": (5, 3)}),
+    ((2, 19, 19, 2, 2, 16), {"causal": True, "window_size": (4, -1), "softmax_scale": 0.31}),
+    ((2, 12, 7, 4, 4, 16), {"causal": True}),
+    ((2, 7, 12, 4, 1, 24), {"prefix_len": 9}),
+    ((1, 70, 70, 3, 3, 130), {"causal": True}),
+]
+
+
+@pytest.mark.parametrize("shape,options", ATTENTION_CASES, ids=lambda c: str(c))
+def test_attention_kernel_matches_the_reference(shape, options):
+    b, s_q, s_k, h, h_kv, d = shape
+    q, k, v = torch.randn(b, s_q, h, d), torch.randn(b, s_k, h_kv, d), torch.randn(b, s_k, h_kv, d)
+
+    def kernel(q, k, v):
+        out = ops.flash_attention(q, k, v, backend="torch", **options)
+        assert type(out.grad_fn).__name__ == "_AttentionBackward"
+        return out
+
+    (out,), _ = check_fwd_bwd(kernel, lambda q, k, v: reference.flash_attention(q, k, v, **options), [q, k, v], F32)
+    if s_q > s_k:  # causal bottom-right: the first rows see nothing and give 0, as the reference's
+        assert out[:, : s_q - s_k].abs().max() == 0
+
+
+def test_attention_kernel_reads_the_views_of_a_fused_projection():
+    b, s, h, h_kv, d = 2, 30, 4, 2, 32
+    qkv = torch.randn(b, s, h + 2 * h_kv, d)
+    q, k, v = qkv.split([h, h_kv, h_kv], dim=2)  # strided views, as the model's Attention passes them
+    assert not q.is_contiguous()
+    check_fwd_bwd(lambda q, k, v: ops.flash_attention(q, k, v, prefix_len=6, backend="torch"),
+                  lambda q, k, v: reference.flash_attention(q, k, v, prefix_len=6), [q, k, v], F32)
+
+
+@pytest.mark.parametrize("options", [{}, {"causal": True}, {"prefix_len": 3}, {"prefix_len": torch.tensor([2, 0, 6])}],
+                         ids=["full", "causal", "prefix", "prefix-per-sequence"])
+def test_attention_kernel_on_packed_sequences(options):
+    cu = torch.tensor([0, 5, 9, 20], dtype=torch.int32)
+    q, k, v = torch.randn(1, 20, 4, 16), torch.randn(1, 20, 2, 16), torch.randn(1, 20, 2, 16)
+
+    def kernel(q, k, v):
+        out = ops.flash_attention(q, k, v, cu_seqlens=cu, max_seqlen=11, backend="torch", **options)
+        assert type(out.grad_fn).__name__ == "_AttentionBackward"
+        return out
+
+    check_fwd_bwd(kernel, lambda q, k, v: reference.flash_attention(q, k, v, cu_seqlens=cu, **options), [q, k, v], F32)
+
+
+def test_key_ranges_of_a_mask():
+    from mmgpt_engine.ops.eager import key_ranges
+
+    keep = reference.attention_keep_mask(5, 7, causal=True, window_size=(2, -1))
+    assert key_ranges(keep, 5, 7).tolist() == [[[0, 3], [1, 4], [2, 5], [3, 6], [4, 7]]]
+    nothing = torch.zeros(2, 3, dtype=torch.bool)
+    assert key_ranges(nothing, 2, 3).tolist() == [[[0, 0], [0, 0]]]
+    assert key_ranges(None, 2, 3).tolist() == [[[0, 3], [0, 3]]]
+    gap = torch.tensor([[True, False, True]])
+    assert key_ranges(gap, 1, 3) is None  # not one run: the kernel cannot take it
+
+
+def test_attention_kernel_guards_its_contract():
+    ext = cpu.extension()
+    q, k = torch.randn(1, 4, 3, 8), torch.randn(1, 4, 2, 8)
+    ranges = torch.zeros(1, 4, 2, dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="k: expected H_kv dividing H = 3, got 2"):
+        ext.attention_fwd(q, k, k, ranges, 1.0)
+    with pytest.raises(RuntimeError, match=r"ranges: expected contiguous int32 \(1 or 1, 4, 2\)"):
+        ext.attention_fwd(q, q, q, ranges[:, :3], 1.0)
+    with pytest.raises(RuntimeError, match="q: expected a contiguous last dim"):
+        ext.attention_fwd(q.transpose(2, 3), q, q, ranges, 1.0)
