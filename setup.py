@@ -42,7 +42,7 @@ class build_py_with_csrc(build_py):
             return  # an editable install reads the checkout's csrc/ directly
         target = os.path.join(self.build_lib, "mmgpt_engine", "ops", "_csrc")
         os.makedirs(target, exist_ok=True)
-        for name in cfg.SOURCES + cfg.HEADERS + cfg.CPU_SOURCES:
+        for name in cfg.SOURCES + cfg.HEADERS + cfg.CPU_SOURCES + cfg.CPU_HEADERS:
             os.makedirs(os.path.dirname(os.path.join(target, name)), exist_ok=True)
             shutil.copy2(os.path.join(HERE, "csrc", name), os.path.join(target, name))
 

@@ -25,7 +25,8 @@ SOURCES = (
     "flash_attn_bwd.cu",
 )
 CPU_EXTENSION_NAME = "mmgpt_engine_cpu"  # the torch backend's CPU kernels (ops/cpu.py, JIT only)
-CPU_SOURCES = ("cpu/kernels.cpp",)
+CPU_SOURCES = ("cpu/kernels.cpp", "cpu/attention.cpp")
+CPU_HEADERS = ("cpu/common.h",)
 HEADERS = ("common.cuh", "dispatch.cuh", "flash_attn_common.cuh", "launch.cuh", "launchers.h")
 DEFAULT_ARCH_LIST = "8.0;9.0"
 MIN_ARCH = (8, 0)  # bf16 mma.sync, cp.async and ldmatrix need sm_80
@@ -41,7 +42,7 @@ _REPO_CSRC = Path(__file__).resolve().parent.parent.parent / "csrc"  # a source 
 def csrc_dir() -> Optional[Path]:
     """The folder holding the sources: the checkout's csrc/, else the copy a wheel ships."""
     for d in (_REPO_CSRC, _PACKAGE_CSRC):
-        if all((d / f).is_file() for f in SOURCES + CPU_SOURCES):
+        if all((d / f).is_file() for f in SOURCES + CPU_SOURCES + CPU_HEADERS):
             return d
     return None
 

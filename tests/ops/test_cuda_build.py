@@ -188,7 +188,7 @@ def test_jit_can_be_turned_off(monkeypatch):
 def test_every_csrc_file_is_built_and_shipped():
     on_disk = {str(p.relative_to(REPO / "csrc")) for d in (REPO / "csrc", REPO / "csrc" / "cpu") for p in d.iterdir()
                if p.suffix in (".cu", ".cpp", ".cuh", ".h")}
-    assert on_disk == set(cfg.SOURCES) | set(cfg.HEADERS) | set(cfg.CPU_SOURCES)
+    assert on_disk == set(cfg.SOURCES) | set(cfg.HEADERS) | set(cfg.CPU_SOURCES) | set(cfg.CPU_HEADERS)
     assert cfg.csrc_dir() == REPO / "csrc"
 
 
@@ -199,4 +199,4 @@ def test_setup_py_ships_csrc_in_the_package_without_building(tmp_path):
                    check=True, capture_output=True)
     root = tmp_path / "mmgpt_engine" / "ops" / "_csrc"
     shipped = {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()}
-    assert shipped == set(cfg.SOURCES) | set(cfg.HEADERS) | set(cfg.CPU_SOURCES)
+    assert shipped == set(cfg.SOURCES) | set(cfg.HEADERS) | set(cfg.CPU_SOURCES) | set(cfg.CPU_HEADERS)
