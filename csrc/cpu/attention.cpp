@@ -6,12 +6,12 @@ namespace mmgpt_cpu {
 namespace {
 
 // -------------------------------------------------------------------------------- attention
-// Attention at the small shapes a CPU trains at (a few hundred keys, head dim <= 256), in
-// flash-attn's (B, S, H, D) layout with any strides over B, S, H (the q / k / v views of one fused
-// projection need no copy), grouped-query heads (H a multiple of H_kv), softmax_scale, and per-row
-// key ranges: query row i of batch b sees the keys [lo, hi) = ranges[b or 0, i] (every mask the
-// torch backend builds is such a range per row: causal, prefix-LM, sliding window, packed
-// sequences; the Python side derives them). A row that sees no key gives 0 (and lse -inf).
+// Attention at the shapes a CPU trains at, in flash-attn's (B, S, H, D) layout with any strides over
+// B, S, H (the q / k / v views of one fused projection need no copy), grouped-query heads (H a
+// multiple of H_kv), softmax_scale, and per-row key ranges: query row i of batch b sees the keys
+// [lo, hi) = ranges[b or 0, i] (every mask the torch backend builds is such a range per row: causal,
+// prefix-LM, sliding window, packed sequences; the Python side derives them). A row that sees no key
+// gives 0 (and lse -inf).
 //
 // One task per (batch, kv head): K (and V for the backward) is transposed into a (D, S_k) block so
 // that a query's scores over a run of keys are vector FMAs over the keys, with no horizontal sums;
@@ -24,8 +24,7 @@ struct Heads {  // a (B, S, H, D) tensor's strides, D contiguous
 };
 
 Heads heads_of(const Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.scalar_type() == at::kFloat, name, ": expected float32, got ", t.scalar_type());
+  check_cpu_f32(t, name);
   TORCH_CHECK(t.dim() == 4, name, ": expected (B, S, H, D), got shape ", t.sizes());
   TORCH_CHECK(t.size(3) == 1 || t.stride(3) == 1, name, ": expected a contiguous last dim, got strides ",
               t.strides());
@@ -47,19 +46,24 @@ AttnShape check_attention(const Tensor& q, const Tensor& k, const Tensor& v, con
                   ranges.dim() == 3 && (a.rb == 1 || a.rb == a.b) && ranges.size(1) == a.sq && ranges.size(2) == 2,
               "ranges: expected contiguous int32 (1 or ", a.b, ", ", a.sq, ", 2), got ", ranges.scalar_type(), " ",
               ranges.sizes());
+  const int32_t* rp = ranges.data_ptr<int32_t>();
+  for (int64_t r = 0; r < a.rb * a.sq; ++r) {
+    const int32_t lo = rp[2 * r], hi = rp[2 * r + 1];
+    TORCH_CHECK(0 <= lo && lo <= hi && hi <= a.sk, "ranges: expected 0 <= lo <= hi <= ", a.sk, " (the keys), got [",
+                lo, ", ", hi, ") at batch ", r / a.sq, ", row ", r % a.sq);
+  }
   return a;
 }
 
-// [lo, hi) of query row i of batch b, clamped to the keys
+// [lo, hi) of query row i of batch b (checked by check_attention)
 inline std::pair<int64_t, int64_t> key_range(const int32_t* rp, const AttnShape& a, int64_t b, int64_t i) {
   const int32_t* r = rp + ((a.rb == 1 ? 0 : b) * a.sq + i) * 2;
-  const int64_t lo = std::clamp<int64_t>(r[0], 0, a.sk), hi = std::clamp<int64_t>(r[1], 0, a.sk);
-  return {lo, std::max(lo, hi)};
+  return {r[0], r[1]};
 }
 
 // Transposes the (S_k, D) rows of one head into t (D, ld), zero past S_k. ld >= S_k + kW, so a
-// vector that starts at any key stays inside t.
-// (at::vec's transpose, 16 x 16 blocks in AVX-512 registers)
+// vector that starts at any key stays inside t. (at::vec's transpose: 16 x 16 blocks in AVX-512
+// registers.)
 void transpose_head(const Heads& x, int64_t b, int64_t h, int64_t sk, int64_t d, int64_t ld, float* t) {
   at::vec::transpose_mxn<float>(x.row(b, 0, h), x.ss, t, ld, static_cast<int>(sk), static_cast<int>(d));
   for (int64_t c = 0; c < d; ++c) std::fill(t + c * ld + sk, t + (c + 1) * ld, 0.f);

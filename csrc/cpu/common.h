@@ -31,9 +31,13 @@ using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kW = Vec::size();
 constexpr int64_t kBlockRows = 64;  // rows per weight-gradient partial (the reduction order)
 
-inline void check_f32(const Tensor& t, const char* name) {
+inline void check_cpu_f32(const Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu(), name, ": expected a CPU tensor, got ", t.device());
   TORCH_CHECK(t.scalar_type() == at::kFloat, name, ": expected float32, got ", t.scalar_type());
+}
+
+inline void check_f32(const Tensor& t, const char* name) {
+  check_cpu_f32(t, name);
   TORCH_CHECK(t.is_contiguous(), name, ": expected a contiguous tensor");
 }
 

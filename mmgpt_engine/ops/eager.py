@@ -211,10 +211,7 @@ def flash_attention(q, k, v, *, causal=False, prefix_len=None, cu_seqlens=None, 
     if cu_seqlens is not None:
         keep = _packed_keep(cu_seqlens, causal, prefix_len)
     elif causal or window != (-1, -1):
-        if isinstance(prefix_len, torch.Tensor):
-            keep = reference.attention_keep_mask(s_q, s_k, causal=causal, prefix_len=prefix_len, window_size=window,
-                                                 device=q.device)
-        elif torch.compiler.is_compiling():  # traced once into the graph
+        if isinstance(prefix_len, torch.Tensor) or torch.compiler.is_compiling():  # (compiling: traced into the graph)
             keep = reference.attention_keep_mask(s_q, s_k, causal=causal, prefix_len=prefix_len, window_size=window,
                                                  device=q.device)
         else:  # the same few masks every step: built once

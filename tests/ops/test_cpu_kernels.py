@@ -285,3 +285,7 @@ def test_attention_kernel_guards_its_contract():
         ext.attention_fwd(q, q, q, ranges[:, :3], 1.0)
     with pytest.raises(RuntimeError, match="q: expected a contiguous last dim"):
         ext.attention_fwd(q.transpose(2, 3), q, q, ranges, 1.0)
+    bad = torch.tensor([[[0, 2], [1, 5], [0, 4], [0, 0]]], dtype=torch.int32)
+    expected = r"ranges: expected 0 <= lo <= hi <= 4 \(the keys\), got \[1, 5\) at batch 0, row 1"
+    with pytest.raises(RuntimeError, match=expected):
+        ext.attention_fwd(q, q, q, bad, 1.0)
